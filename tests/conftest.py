@@ -1,0 +1,75 @@
+"""Shared fixtures: the offline GLUE copy, a tiny random BERT folder, and a ``train.py`` runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+
+
+def find_glue_dir() -> Path | None:
+    for candidate in (os.environ.get("GLUE_DIR"), REPO.parent / "shared" / "data" / "glue"):
+        if candidate and (Path(candidate) / "SST-2" / "dev.tsv").is_file():
+            return Path(candidate).resolve()
+    return None
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    path = find_glue_dir()
+    if path is None:
+        pytest.skip("the offline GLUE copy (../shared/data/glue or GLUE_DIR) is not here")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    from xtc_lightning.models import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A randomly initialised 2-layer BERT (hidden 32) with the real MiniLM tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_bert")
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(path)
+    return path
+
+
+def run_train(args: list[str], root: Path, glue_dir: Path | None = None, timeout: int = 600):
+    """Run ``python train.py`` in a subprocess with run folders and caches under ``root``."""
+    env = dict(os.environ)
+    if glue_dir is not None:
+        env["GLUE_DIR"] = str(glue_dir)
+    else:
+        env.pop("GLUE_DIR", None)
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"paths.root_dir={root}",
+        "num_threads=2",
+        "progress=plain",
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in (root / "runs").glob("*/*/results.json"))
