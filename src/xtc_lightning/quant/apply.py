@@ -1,0 +1,139 @@
+"""Finding the quantizable modules of an HF encoder and swapping in quantized ones.
+
+The modules are found from the model **structure**, not from per-model names. Inside
+each encoder layer (``models.encoder_layers``) the ``nn.Linear`` modules, in module
+(definition) order, must be exactly the six of a post-LN transformer block:
+
+    query, key, value    three sibling linears (same parent), hidden -> A, fed by the hidden state
+    attention_output     A -> hidden (the attention's output projection)
+    intermediate         hidden -> I (the FFN's first linear)
+    output               I -> hidden (the FFN's second linear)
+
+This holds for BERT, RoBERTa and MiniLM (``attention.self.query`` ...
+``output.dense``) and DistilBERT (``attention.q_lin`` ... ``ffn.lin2``). Anything else
+(another linear count, other shapes) is a ``UserError`` listing what was found. The word
+embeddings are ``model.get_input_embeddings()``. Position / token-type embeddings,
+LayerNorms, the pooler and the classifier are never touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from xtc_lightning.errors import UserError
+from xtc_lightning.models import encoder_layers
+from xtc_lightning.quant.config import TARGETS, QuantConfig
+from xtc_lightning.quant.layers import QUANT_MODULES, QuantEmbedding, QuantLinear
+from xtc_lightning.quant.quantizers import num_groups
+
+WORD_EMBEDDINGS = "word_embeddings"
+
+
+@dataclass(frozen=True)
+class QuantTarget:
+    """One quantizable module: its qualified name, its role and its encoder layer (None for embeddings)."""
+
+    name: str
+    role: str
+    layer: int | None
+    module: nn.Module
+
+
+def find_quant_targets(model: nn.Module) -> list[QuantTarget]:
+    """The six linears of every encoder layer (roles = ``config.TARGETS``) and the word embeddings."""
+    if not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
+        raise UserError(
+            f"cannot quantize {type(model).__name__}: not a Hugging Face encoder model (no .config)"
+        )
+    stack_name, layers = encoder_layers(model)
+    targets = []
+    for i, layer in enumerate(layers):
+        linears = _layer_linears(layer, f"{stack_name}.{i}")
+        targets += [
+            QuantTarget(f"{stack_name}.{i}.{name}", role, i, module)
+            for role, (name, module) in zip(TARGETS, linears, strict=True)
+        ]
+    embeddings = model.get_input_embeddings()
+    if not isinstance(embeddings, nn.Embedding):
+        raise UserError(
+            f"cannot quantize the word embeddings of {type(model).__name__}: "
+            f"get_input_embeddings() returned {type(embeddings).__name__}, not nn.Embedding"
+        )
+    targets.append(QuantTarget(_qualified_name(model, embeddings), WORD_EMBEDDINGS, None, embeddings))
+    return targets
+
+
+def _layer_linears(layer: nn.Module, where: str) -> list[tuple[str, nn.Linear]]:
+    linears = [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    already = [n for n, m in linears if isinstance(m, QUANT_MODULES)]
+    if already:
+        raise UserError(f"{where} is already quantized ({', '.join(already)}): apply a quant config once")
+    if _is_transformer_block(linears):
+        return linears
+    found = ", ".join(f"{n}[{m.in_features}->{m.out_features}]" for n, m in linears) or "none"
+    raise UserError(
+        f"unsupported architecture: cannot identify the attention and FFN linears of "
+        f"{type(layer).__name__} ({where}): expected 6 nn.Linear in the order query, key, value "
+        f"(siblings, hidden->A), attention output (A->hidden), FFN in (hidden->I), FFN out (I->hidden); "
+        f"found {len(linears)}: {found}"
+    )
+
+
+def _is_transformer_block(linears: list[tuple[str, nn.Linear]]) -> bool:
+    if len(linears) != 6:
+        return False
+    (qn, q), (kn, k), (vn, v), (_, attn_out), (_, ffn_in), (_, ffn_out) = linears
+    hidden = q.in_features
+    parent = qn.rpartition(".")[0]
+    return (
+        kn.rpartition(".")[0] == parent
+        and vn.rpartition(".")[0] == parent
+        and all(m.in_features == hidden for m in (k, v))
+        and q.out_features == k.out_features
+        and attn_out.in_features == v.out_features
+        and attn_out.out_features == hidden
+        and ffn_in.in_features == hidden
+        and ffn_out.in_features == ffn_in.out_features
+        and ffn_out.out_features == hidden
+    )
+
+
+def _qualified_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def apply_quantization(model: nn.Module, cfg: QuantConfig) -> list[str]:
+    """Replace the configured modules by quantized ones, in place; returns their names.
+
+    A no-op (returns []) when ``cfg`` quantizes nothing (fp32). Modules start enabled only
+    when ``cfg.start_step == 0``; the training module then follows ``cfg.active_at(step)``.
+    """
+    if not cfg.enabled:
+        return []
+    chosen = [
+        t
+        for t in find_quant_targets(model)
+        if t.role in cfg.targets or (t.role == WORD_EMBEDDINGS and cfg.word_embeddings)
+    ]
+    if cfg.weight.enabled:  # check every group count before changing anything
+        for t in chosen:
+            num_groups(t.module.weight.shape, cfg.weight.groups, what=f"{t.name}.weight")
+    for t in chosen:
+        if t.role == WORD_EMBEDDINGS:
+            new = QuantEmbedding(t.module, cfg.weight)
+        else:
+            new = QuantLinear(t.module, cfg.weight, cfg.activation)
+        new.quant_enabled = cfg.start_step == 0
+        parent_name, _, child = t.name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    return [t.name for t in chosen]
+
+
+def set_quantization_enabled(model: nn.Module, enabled: bool) -> int:
+    """Switch every quantized module of ``model`` on or off; returns how many there are."""
+    modules = [m for m in model.modules() if isinstance(m, QUANT_MODULES)]
+    for m in modules:
+        m.quant_enabled = enabled
+    return len(modules)

@@ -1,0 +1,141 @@
+"""Quantized drop-in replacements for ``nn.Linear`` and ``nn.Embedding``.
+
+They subclass the torch modules and reuse the very same Parameter objects, so the
+parameter names (``...query.weight``, ``...query.bias``, ``...word_embeddings.weight``)
+and the optimizer's view of them do not change: the latent full-precision weights
+are trained, the forward uses their fake-quantized values.
+
+The only extra state-dict entry is ``<linear>.act_range`` (a ``[min, max]`` buffer) on
+linears with a static activation range; ``plain_state_dict`` drops it so the state
+dict loads into the plain Hugging Face model with ``strict=True``.
+
+``quant_enabled`` switches quantization off and on (the schedule,
+``apply.set_quantization_enabled``). While it is off the forward is the plain full
+precision one, but static ranges are still observed in training mode, so they are
+calibrated when quantization starts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xtc_lightning.quant.config import ActivationSpec, WeightSpec
+from xtc_lightning.quant.quantizers import ema_update, fake_quantize_activation, fake_quantize_weight
+
+RANGE_BUFFER = "act_range"
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with a fake-quantized weight and input.
+
+    Static activation range: in training mode each forward updates the EMA of the
+    per-tensor [min, max] of the input (the first batch initialises it); in eval mode the
+    stored range is frozen. Before any training batch was seen (e.g. Lightning's sanity
+    validation) the range is NaN and the batch's own per-tensor range is used instead.
+    """
+
+    def __init__(self, linear: nn.Linear, weight: WeightSpec, activation: ActivationSpec):
+        # Build on the meta device, then take over the original Parameters.
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_spec = weight
+        self.activation_spec = activation
+        self.quant_enabled = True
+        if activation.enabled and activation.range == "static":
+            nan = torch.full((2,), float("nan"), device=linear.weight.device)
+            self.register_buffer(RANGE_BUFFER, nan)
+
+    @property
+    def has_static_range(self) -> bool:
+        return hasattr(self, RANGE_BUFFER)
+
+    @torch.no_grad()
+    def _observe(self, x: Tensor) -> None:
+        current = torch.stack(_tensor_range(x)).to(self.act_range.dtype)
+        self.act_range.copy_(ema_update(self.act_range, current, self.activation_spec.ema_momentum))
+
+    def _static_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r = self.act_range
+        if torch.isnan(r).any():  # never calibrated (eval before training): this batch's range
+            return _tensor_range(x)
+        return r[0], r[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.has_static_range and self.training:
+            self._observe(x)
+        if not self.quant_enabled:
+            return F.linear(x, self.weight, self.bias)
+        w = fake_quantize_weight(self.weight, self.weight_spec)
+        static = self._static_range(x) if self.has_static_range else None
+        x = fake_quantize_activation(x, self.activation_spec, static)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, weight={self.weight_spec.describe()}, "
+            f"activation={self.activation_spec.describe()}, enabled={self.quant_enabled}"
+        )
+
+
+def _tensor_range(x: Tensor) -> tuple[Tensor, Tensor]:
+    x = x.detach()
+    return x.amin(), x.amax()  # two plain reductions: faster than torch.aminmax on CPU
+
+
+class QuantEmbedding(nn.Embedding):
+    """``nn.Embedding`` with fake-quantized rows (weights only; the input is indices).
+
+    With ``groups="row"`` only the looked-up rows are quantized: per-row quantization
+    commutes with the lookup, so this equals looking up in the quantized table while
+    touching B*T rows instead of the whole vocabulary each step.
+    """
+
+    def __init__(self, embedding: nn.Embedding, weight: WeightSpec):
+        super().__init__(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            padding_idx=embedding.padding_idx,
+            max_norm=embedding.max_norm,
+            norm_type=embedding.norm_type,
+            scale_grad_by_freq=embedding.scale_grad_by_freq,
+            sparse=embedding.sparse,
+            device="meta",
+        )
+        self.weight = embedding.weight
+        self.weight_spec = weight
+        self.quant_enabled = True
+
+    def _lookup(self, input: Tensor, weight: Tensor) -> Tensor:
+        return F.embedding(
+            input,
+            weight,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not (self.quant_enabled and self.weight_spec.enabled):
+            return self._lookup(input, self.weight)
+        if self.weight_spec.groups == "row":
+            rows = self._lookup(input, self.weight)
+            flat = rows.reshape(-1, self.embedding_dim)
+            return fake_quantize_weight(flat, self.weight_spec).reshape(rows.shape)
+        return self._lookup(input, fake_quantize_weight(self.weight, self.weight_spec))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight={self.weight_spec.describe()}, enabled={self.quant_enabled}"
+
+
+def plain_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state dict without the activation-range buffers: loads strictly into the plain HF model."""
+    suffix = "." + RANGE_BUFFER
+    return {k: v for k, v in state_dict.items() if not k.endswith(suffix)}
+
+
+QUANT_MODULES = (QuantLinear, QuantEmbedding)
