@@ -73,3 +73,26 @@ def run_train(args: list[str], root: Path, glue_dir: Path | None = None, timeout
 
 def run_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in (root / "runs").glob("*/*/results.json"))
+
+
+def compose_job_config(overrides: list[str], output_dir: Path):
+    """The job config ``train.py`` would get for ``overrides``, with ``output_dir`` as the run folder.
+
+    Returns ``(cfg, choices)``: the config without its ``hydra`` node (as the task function
+    sees it) and the chosen option of each group.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from xtc_lightning.cli import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    choices = plain.pop("hydra")["runtime"]["choices"]
+    return OmegaConf.create(plain), choices

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from conftest import compose_job_config
 from xtc_lightning.cli import CONF_DIR, check_group_overrides
 from xtc_lightning.errors import UserError
 from xtc_lightning.tasks import TASKS
@@ -16,16 +14,9 @@ GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "
 
 
 def compose_resolved(overrides: list[str], tmp_path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-        HydraConfig.instance().set_config(cfg)
-        plain = OmegaConf.to_container(cfg, resolve=False)
-        choices = plain.pop("hydra")["runtime"]["choices"]
-        job = OmegaConf.create(plain)
-        OmegaConf.resolve(job)  # every interpolation of the job's config resolves
-        return job, choices
+    cfg, choices = compose_job_config(overrides, tmp_path)
+    OmegaConf.resolve(cfg)  # every interpolation of the job's config resolves
+    return cfg, choices
 
 
 def group_values():

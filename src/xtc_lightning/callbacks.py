@@ -56,5 +56,9 @@ class PlainProgress(L.Callback):
         if trainer.sanity_checking:
             return
         score = trainer.callback_metrics.get("val/score")
-        if score is not None:
+        if score is None:
+            return
+        if trainer.state.fn == "validate":  # the re-evaluation of the selected checkpoint
+            log.info("%s selected checkpoint val/score %.4f", self.stage, float(score))
+        else:
             log.info("%s epoch %d val/score %.4f", self.stage, trainer.current_epoch, float(score))

@@ -11,7 +11,15 @@ import lightning as L
 import torch
 from torch import nn
 
+from xtc_lightning.distill import (
+    check_distill_config,
+    distill_forward,
+    distill_losses,
+    loss_weights_at,
+    teacher_needed,
+)
 from xtc_lightning.metrics import GlueSplitMetric, predictions_from_logits, task_score
+from xtc_lightning.quant import set_quantization_enabled
 from xtc_lightning.tasks import GlueTask, get_task
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -114,3 +122,94 @@ class ClassifierModule(GlueModule):
 
     def configure_optimizers(self):
         return adamw_with_linear_schedule(self, None, self.optim, self.lr)
+
+
+class DistillModule(GlueModule):
+    """Distil a trainable student from a frozen teacher (the reduce and quantize stages).
+
+    The teacher stays in eval mode with no gradient and outside the optimizer; its weights
+    are not written into checkpoints (they are re-attached from the live teacher on load).
+    With a quant config, the student's quantized layers are switched on from
+    ``quant.start_step`` optimizer steps on.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        task_name: str,
+        layers: list[int],
+        distill: dict,
+        optim: dict,
+        lr: float,
+        quant=None,
+    ):
+        super().__init__(task_name)
+        self.save_hyperparameters(
+            {"task_name": task_name, "layers": list(layers), "distill": distill, "optim": optim, "lr": lr}
+        )
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student.train()
+        self.layers = list(layers)
+        self.distill = check_distill_config(distill)
+        self.optim = optim
+        self.lr = lr
+        self.quant = quant
+        self.weights = dict(self.distill["weights"])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # never dropout in the teacher
+        return self
+
+    def evaluated_model(self) -> nn.Module:
+        return self.student
+
+    def _switch_quantization(self) -> None:
+        if self.quant is not None:
+            set_quantization_enabled(self.student, self.quant.active_at(self.global_step))
+
+    def on_train_epoch_start(self) -> None:
+        self.weights = loss_weights_at(self.distill, self.current_epoch, self.trainer.max_epochs)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._switch_quantization()
+
+    def on_validation_start(self) -> None:
+        self._switch_quantization()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        inputs = model_inputs(batch)
+        w = self.weights
+        attention, hidden = w["attention"] > 0, w["hidden"] > 0
+        teacher_out = None
+        if teacher_needed(w):
+            with torch.no_grad():
+                teacher_out = distill_forward(self.teacher, inputs, attention, hidden)
+        student_out = distill_forward(self.student, inputs, attention, hidden)
+        losses = distill_losses(
+            student_out,
+            teacher_out,
+            inputs["attention_mask"],
+            self.layers,
+            w,
+            temperature=self.distill["temperature"],
+            regression=self.task.is_regression,
+            labels=batch["labels"],
+        )
+        for name, value in losses.items():
+            self.log(
+                "train/loss" if name == "total" else f"train/{name}_loss", value, prog_bar=name == "total"
+            )
+        return losses["total"]
+
+    def configure_optimizers(self):
+        return adamw_with_linear_schedule(self, None, self.optim, self.lr)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -26,14 +27,25 @@ from transformers.utils import logging as transformers_logging
 
 from xtc_lightning.callbacks import PlainProgress, want_progress_bar
 from xtc_lightning.data import GlueDataModule
+from xtc_lightning.distill import check_distill_config, enable_attention_scores
 from xtc_lightning.errors import UserError
-from xtc_lightning.models import check_model_source, count_parameters, load_classifier, load_tokenizer
-from xtc_lightning.modules import ClassifierModule, GlueModule
+from xtc_lightning.models import (
+    check_model_source,
+    count_parameters,
+    load_classifier,
+    load_tokenizer,
+    num_layers_of,
+)
+from xtc_lightning.modules import ClassifierModule, DistillModule, GlueModule
+from xtc_lightning.quant import QuantConfig, apply_quantization, quantization_summary
+from xtc_lightning.student import build_student, layers_from_config
 from xtc_lightning.tasks import GlueTask, get_task
 
 log = logging.getLogger("xtc_lightning")
 
-STAGES = ("teacher",)
+STAGES = ("teacher", "reduce", "quantize")
+# Trainer settings that change what is logged, not what is learned.
+NOT_SHAPING = {"log_every_n_steps", "num_sanity_val_steps"}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -111,8 +123,9 @@ def fit_and_evaluate(
     last = module.last_val
     best_path = checkpoint.best_model_path
     if best_path:
-        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+        best_ckpt = torch.load(best_path, map_location="cpu", weights_only=True)
+        module.on_load_checkpoint(best_ckpt)
+        module.load_state_dict(best_ckpt["state_dict"])
     # Re-evaluate the selected weights: gives the reported metrics and the predictions files.
     trainer.validate(module, datamodule=datamodule, verbose=False)
     best = module.last_val
@@ -130,45 +143,39 @@ def fit_and_evaluate(
     }
 
 
-def teacher_cache_key(cfg: DictConfig, train_fingerprint: str) -> str:
-    """Everything that shapes a fine-tuned teacher; a change in any of it trains a new one."""
+def shaping_key(cfg: DictConfig, train_fingerprint: str, **stage: object) -> str:
+    """Hash of everything that shapes a stage's model; a change in any of it trains a new one."""
     shaping = {
         "task": cfg.task.name,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data": {k: cfg.data[k] for k in ("max_length", "batch_size")},
         "train": train_fingerprint,
         "optim": OmegaConf.to_container(cfg.optim, resolve=True),
-        "teacher": {k: cfg.teacher[k] for k in ("max_epochs", "lr")},
-        "trainer": OmegaConf.to_container(cfg.trainer, resolve=True),
+        "trainer": {
+            k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in NOT_SHAPING
+        },
         "seed": cfg.seed,
+        **stage,
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def teacher_stage(
-    cfg: DictConfig, task: GlueTask, datamodule: GlueDataModule, run_dir: Path, tokenizer
-) -> dict:
-    """Fine-tune the teacher, or reuse the cached one trained with the same settings."""
-    stage_dir = run_dir / "teacher"
-    key = teacher_cache_key(cfg, datamodule.train_fingerprint)
-    cache = Path(cfg.paths.cache_dir).resolve() / "teachers" / f"{task.name}-{key}"
-    if (cache / "result.json").is_file():
-        log.info("teacher: reusing the cached fine-tuned teacher %s", cache)
-        result = json.loads((cache / "result.json").read_text())
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        result["predictions"] = {
-            split: str(shutil.copy(cache / f"predictions_{split}.tsv", stage_dir))
-            for split in task.dev_splits
-        }
-        result["cached"] = True
-        return result
-    model = load_classifier(cfg.model, task)
-    module = ClassifierModule(model, task.name, OmegaConf.to_container(cfg.optim), cfg.teacher.lr)
-    result = fit_and_evaluate(cfg, "teacher", module, datamodule, run_dir, cfg.teacher.max_epochs)
-    result["params"] = count_parameters(model)
-    result["num_layers"] = model.config.num_hidden_layers
-    result["bits"] = {"weights": 32, "activations": 32}
-    # Publish the best teacher into the cache atomically: build in a temp folder, then rename.
+def from_cache(cache: Path, stage: str, stage_dir: Path, splits: tuple[str, ...]) -> dict | None:
+    """The cached result of a stage (predictions copied into this run), or None."""
+    if not (cache / "result.json").is_file():
+        return None
+    log.info("%s: reusing the cached model %s", stage, cache)
+    result = json.loads((cache / "result.json").read_text())
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    result["predictions"] = {
+        split: str(shutil.copy(cache / f"predictions_{split}.tsv", stage_dir)) for split in splits
+    }
+    result["cached"] = True
+    return result
+
+
+def publish_to_cache(cache: Path, result: dict, model, tokenizer) -> dict:
+    """Store a stage's best model (HF folder), predictions and result atomically: temp folder, rename."""
     tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -180,17 +187,161 @@ def teacher_stage(
     write_json_atomic(tmp / "result.json", result)
     try:
         os.replace(tmp, cache)
-    except OSError:  # another run published the same teacher first: keep theirs
+    except OSError:  # another run published the same model first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     result["cached"] = False
     return result
 
 
+def teacher_stage(
+    cfg: DictConfig, task: GlueTask, datamodule: GlueDataModule, run_dir: Path, tokenizer
+) -> dict:
+    """Fine-tune the teacher, or reuse the cached one trained with the same settings."""
+    if cfg.teacher.checkpoint:
+        return given_teacher(cfg, task, datamodule, run_dir)
+    key = shaping_key(
+        cfg, datamodule.train_fingerprint, teacher={k: cfg.teacher[k] for k in ("max_epochs", "lr")}
+    )
+    cache = Path(cfg.paths.cache_dir).resolve() / "teachers" / f"{task.name}-{key}"
+    cached = from_cache(cache, "teacher", run_dir / "teacher", task.dev_splits)
+    if cached is not None:
+        return cached
+    model = load_classifier(cfg.model, task)
+    module = ClassifierModule(model, task.name, OmegaConf.to_container(cfg.optim), cfg.teacher.lr)
+    result = fit_and_evaluate(cfg, "teacher", module, datamodule, run_dir, cfg.teacher.max_epochs)
+    result["params"] = count_parameters(model)
+    result["num_layers"] = num_layers_of(model.config)
+    result["bits"] = {"weights": 32, "activations": 32}
+    return publish_to_cache(cache, result, model, tokenizer)
+
+
+def given_teacher(cfg: DictConfig, task: GlueTask, datamodule: GlueDataModule, run_dir: Path) -> dict:
+    """``teacher.checkpoint``: an already fine-tuned HF folder; only evaluated."""
+    check_model_source(cfg.teacher.checkpoint)
+    model = load_classifier(cfg.model, task, name_or_path=cfg.teacher.checkpoint)
+    module = ClassifierModule(model, task.name, OmegaConf.to_container(cfg.optim), cfg.teacher.lr)
+    stage_dir = run_dir / "teacher"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    trainer, _ = make_trainer(cfg, "teacher", stage_dir, max_epochs=1)
+    t0 = time.perf_counter()
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    return {
+        "stage": "teacher",
+        "metrics_best": module.last_val["splits"],
+        "score_best": module.last_val["score"],
+        "selected": "given checkpoint (not trained here)",
+        "predictions": write_predictions(task, module.last_predictions, stage_dir),
+        "params": count_parameters(model),
+        "num_layers": num_layers_of(model.config),
+        "bits": {"weights": 32, "activations": 32},
+        "model_dir": str(Path(cfg.teacher.checkpoint).resolve()),
+        "cached": False,
+        "wall_time_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+def student_stage(
+    cfg: DictConfig,
+    stage: str,
+    task: GlueTask,
+    datamodule: GlueDataModule,
+    run_dir: Path,
+    teacher,
+    student,
+    layers: list[int],
+    quant: QuantConfig | None,
+) -> dict:
+    """Distil ``student`` from ``teacher`` (step 1: reduce, fp32; step 2: quantize)."""
+    module = DistillModule(
+        teacher,
+        student,
+        task.name,
+        layers,
+        OmegaConf.to_container(cfg.distill, resolve=True),
+        OmegaConf.to_container(cfg.optim, resolve=True),
+        cfg[stage].lr,
+        quant,
+    )
+    result = fit_and_evaluate(cfg, stage, module, datamodule, run_dir, cfg[stage].max_epochs)
+    result["params"] = count_parameters(student)
+    result["num_layers"] = len(layers)
+    result["layers"] = layers
+    if quant is None:
+        result["bits"] = {"weights": 32, "activations": 32}
+    else:
+        summary = quantization_summary(student)
+        result["bits"] = {
+            "weights": quant.weight.bits,
+            "activations": quant.activation.bits,
+            "name": quant.name,
+        }
+        result["params_by_bits"] = {str(k): v for k, v in summary.params_by_bits.items()}
+    return result
+
+
+def reduce_stage(
+    cfg: DictConfig,
+    task: GlueTask,
+    datamodule: GlueDataModule,
+    run_dir: Path,
+    tokenizer,
+    teacher,
+    teacher_result: dict,
+    layers: list[int],
+) -> tuple[dict, object]:
+    """Step 1: the layer-reduced student distilled in full precision (cached like the teacher)."""
+    key = shaping_key(
+        cfg,
+        datamodule.train_fingerprint,
+        from_teacher=teacher_result["model_dir"],
+        layers=layers,
+        distill=OmegaConf.to_container(cfg.distill, resolve=True),
+        reduce={k: cfg.reduce[k] for k in ("max_epochs", "lr")},
+    )
+    cache = Path(cfg.paths.cache_dir).resolve() / "reduced" / f"{task.name}-{key}"
+    cached = from_cache(cache, "reduce", run_dir / "reduce", task.dev_splits)
+    if cached is not None:
+        student = enable_attention_scores(load_classifier(cfg.model, task, name_or_path=cached["model_dir"]))
+        return cached, student
+    student = build_student(teacher, layers)
+    result = student_stage(cfg, "reduce", task, datamodule, run_dir, teacher, student, layers, None)
+    return publish_to_cache(cache, result, student, tokenizer), student
+
+
 def quiet_library_logs() -> None:
     """Lightning adds its own console handler; Hydra's handlers already print (and file) its records."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage()  # an advertisement, not information
+    )
     transformers_logging.set_verbosity_error()  # load reports of the new classifier head, etc.
+    transformers_logging.disable_progress_bar()
+    # The distillation teacher is in eval mode on purpose; Lightning warns about it.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* logging interval")
+
+
+def stage_table(results: dict) -> str:
+    """The stages as a plain-text table for the console."""
+    rows = [("stage", "layers", "W/A bits", "params", "dev score (best)", "last epoch", "time")]
+    for name, r in results["stages"].items():
+        bits = r.get("bits", {})
+        last = r.get("score_last_epoch")
+        rows.append(
+            (
+                name,
+                str(r.get("num_layers", "")),
+                f"{bits.get('weights', '')}/{bits.get('activations', '')}",
+                f"{r['params']['total'] / 1e6:.2f}M",
+                f"{100 * r['score_best']:.2f}",
+                "" if last is None else f"{100 * last:.2f}",
+                "cached" if r.get("cached") else f"{r['wall_time_s']:.0f}s",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -199,13 +350,15 @@ def run(cfg: DictConfig) -> dict:
     if cfg.stage not in STAGES:
         raise UserError(f"unknown stage '{cfg.stage}'; choose one of: {', '.join(STAGES)}")
     task = get_task(cfg.task.name)
+    # Validate every group before any work: a bad value fails in one line, nothing written.
+    quant = QuantConfig.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
+    check_distill_config(OmegaConf.to_container(cfg.distill, resolve=True))
+    check_model_source(cfg.model.name_or_path)
     run_dir = Path(cfg.paths.output_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    check_model_source(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg.model)
     datamodule = GlueDataModule(
         task,
@@ -222,20 +375,38 @@ def run(cfg: DictConfig) -> dict:
     )
     datamodule.setup("fit")  # read and tokenize now: data errors surface before any training
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config_resolved.yaml", resolve=True)
+    dev_counts = {f"{s}_examples": len(d) for s, d in datamodule.dev_sets.items()}
     results = {
         "task": task.name,
         "stage": cfg.stage,
         "run_dir": str(run_dir),
-        "data": {
-            "train_examples": len(datamodule.train_set),
-            **{f"{s}_examples": len(d) for s, d in datamodule.dev_sets.items()},
-        },
+        "data": {"train_examples": len(datamodule.train_set), **dev_counts},
         "stages": {},
     }
     t0 = time.perf_counter()
-    results["stages"]["teacher"] = teacher_stage(cfg, task, datamodule, run_dir, tokenizer)
-    final = results["stages"][cfg.stage]
+    results["stages"]["teacher"] = teacher_result = teacher_stage(cfg, task, datamodule, run_dir, tokenizer)
+    wanted = STAGES.index(cfg.stage)
+    if wanted >= 1:
+        teacher = load_classifier(cfg.model, task, name_or_path=teacher_result["model_dir"])
+        n_teacher = num_layers_of(teacher.config)
+        layers = layers_from_config(OmegaConf.to_container(cfg.student, resolve=True), n_teacher)
+        enable_attention_scores(teacher)  # the attention loss compares pre-softmax scores
+        student = build_student(teacher, layers)  # also the start of quantize when nothing is cut
+        if len(layers) < n_teacher:
+            results["stages"]["reduce"], student = reduce_stage(
+                cfg, task, datamodule, run_dir, tokenizer, teacher, teacher_result, layers
+            )
+        if wanted >= 2 and quant.enabled:
+            apply_quantization(student, quant)
+            log.info("quantized modules:\n%s", quantization_summary(student).text)
+            results["stages"]["quantize"] = student_stage(
+                cfg, "quantize", task, datamodule, run_dir, teacher, student, layers, quant
+            )
+    final_name = list(results["stages"])[-1]
+    final = results["stages"][final_name]
+    results["final_stage"] = final_name
     results["metrics"] = final["metrics_best"]
     results["score"] = final["score_best"]
     results["predictions"] = {
@@ -244,5 +415,6 @@ def run(cfg: DictConfig) -> dict:
     }
     results["wall_time_s"] = round(time.perf_counter() - t0, 2)
     write_json_atomic(run_dir / "results.json", results)
+    log.info("stages:\n%s", stage_table(results))
     log.info("results: %s", run_dir / "results.json")
     return results

@@ -1,0 +1,148 @@
+"""The whole XTC pipeline (teacher -> reduce -> quantize) on real GLUE files with tiny models."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.metrics import accuracy_score
+
+from conftest import compose_job_config, run_dirs, run_train
+from xtc_lightning import pipeline
+from xtc_lightning.cli import CONF_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert12_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A random 12-layer BERT (hidden 32): the paper presets' layer selections apply to it."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_bert12")
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(path)
+    return path
+
+
+def test_full_pipeline_tiny_bert(tmp_path, glue_dir, tiny_bert_dir):
+    args = [
+        "task=rte", f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", "quant=binary",
+        "data.max_train_examples=64", "data.max_length=64", "trainer.max_epochs=1", "optim.lr=1e-3",
+    ]  # fmt: skip
+    proc = run_train(args, tmp_path, glue_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = run_dirs(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    stages = results["stages"]
+    assert list(stages) == ["teacher", "reduce", "quantize"] and results["final_stage"] == "quantize"
+    assert stages["teacher"]["num_layers"] == 2
+    assert stages["reduce"]["layers"] == [1] and stages["reduce"]["bits"] == {
+        "weights": 32,
+        "activations": 32,
+    }
+    assert stages["quantize"]["bits"]["weights"] == 1 and stages["quantize"]["bits"]["activations"] == 8
+    by_bits = stages["quantize"]["params_by_bits"]
+    assert int(by_bits["1"]) > int(by_bits["32"])  # the word embeddings and linears are 1-bit
+    for stage in stages.values():
+        assert {"metrics_best", "score_best", "wall_time_s", "params"} <= set(stage)
+    for stage in ("teacher", "reduce", "quantize"):
+        assert "metrics_last_epoch" in stages[stage]
+    # the top-level metrics are the final stage's, reproduced from its predictions file
+    with open(results["predictions"]["dev"]) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    acc = accuracy_score([int(r["label"]) for r in rows], [int(r["prediction"]) for r in rows])
+    assert len(rows) == 277 and results["metrics"]["dev"]["accuracy"] == pytest.approx(acc)
+    assert "stages:" in proc.stdout and "quantize  1       1/8" in proc.stdout
+
+    # rerun: the teacher and the reduced student come from the cache; quantize trains again
+    proc = run_train(args, tmp_path, glue_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((run_dirs(tmp_path)[-1] / "results.json").read_text())["stages"]
+    assert again["teacher"]["cached"] and again["reduce"]["cached"]
+    assert again["reduce"]["metrics_best"] == stages["reduce"]["metrics_best"]
+    assert "cached" not in again["quantize"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_preset_runs_with_fast_dev_run(experiment, tmp_path, glue_dir, tiny_bert12_dir):
+    overrides = [
+        f"experiment={experiment}",
+        "debug=fast",
+        f"data.dir={glue_dir}",
+        f"paths.root_dir={tmp_path}",
+    ]
+    if experiment != "quickstart":  # paper presets: BERT-base from the hub on GPUs -> tiny 12L BERT on CPU
+        overrides += [
+            "task=rte", f"model.name_or_path={tiny_bert12_dir}", "trainer.accelerator=cpu",
+            "trainer.precision=32-true", "data.num_workers=0",
+        ]  # fmt: skip
+    cfg, _ = compose_job_config(overrides, tmp_path / "run")
+    results = pipeline.run(cfg)
+    assert set(results["stages"]) >= {"teacher"}
+    wants_reduce = cfg.student.layers is not None or cfg.student.num_layers is not None
+    assert ("reduce" in results["stages"]) == wants_reduce
+    assert ("quantize" in results["stages"]) == (cfg.quant.weight.method != "none")
+    assert (tmp_path / "run" / "results.json").is_file()
+
+
+def test_teacher_stays_frozen_and_out_of_checkpoints(tmp_path, glue_dir, tiny_bert_dir):
+    from xtc_lightning.models import load_classifier
+
+    cfg, _ = compose_job_config(
+        [
+            "task=rte",
+            f"model.name_or_path={tiny_bert_dir}",
+            "student.num_layers=1",
+            "quant=ternary",
+            f"data.dir={glue_dir}",
+            f"paths.root_dir={tmp_path}",
+            "data.max_train_examples=32",
+            "trainer.max_epochs=1",
+            "optim.lr=1e-2",
+        ],  # fmt: skip
+        tmp_path / "run",
+    )
+    results = pipeline.run(cfg)
+    teacher_dir = results["stages"]["teacher"]["model_dir"]
+    ckpt = torch.load(
+        results["stages"]["quantize"]["checkpoints"]["last"], map_location="cpu", weights_only=True
+    )
+    keys = list(ckpt["state_dict"])
+    assert keys and not [k for k in keys if k.startswith("teacher.")]
+    assert any(k.startswith("student.bert.encoder.layer.0.attention.self.query") for k in keys)
+    # the cached teacher on disk is untouched by the student stages
+    reloaded = load_classifier(cfg.model, pipeline.get_task("rte"), name_or_path=teacher_dir)
+    student_first_query = ckpt["state_dict"]["student.bert.encoder.layer.0.attention.self.query.weight"]
+    teacher_layer1_query = reloaded.state_dict()["bert.encoder.layer.1.attention.self.query.weight"]
+    assert not torch.equal(student_first_query, teacher_layer1_query)  # the student trained (lr 1e-2)
+
+
+def test_two_stage_distillation_runs(tmp_path, glue_dir, tiny_bert_dir):
+    cfg, _ = compose_job_config(
+        [
+            "task=mrpc",
+            f"model.name_or_path={tiny_bert_dir}",
+            "student.num_layers=1",
+            "quant=fp32",
+            "distill=two_stage",
+            f"data.dir={glue_dir}",
+            f"paths.root_dir={tmp_path}",
+            "data.max_train_examples=32",
+            "trainer.max_epochs=2",
+            "trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1",
+        ],  # fmt: skip
+        tmp_path / "run",
+    )
+    results = pipeline.run(cfg)
+    assert results["final_stage"] == "reduce"
+    metrics = (tmp_path / "run" / "logs" / "reduce" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/attention_loss" in metrics and "train/logits_loss" in metrics
