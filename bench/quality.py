@@ -1,0 +1,163 @@
+"""Quality on real GLUE dev sets: MiniLM teacher vs 3-layer students (fp32, W1A8, W2A8).
+
+Each (task, variant) is one ``train.py`` run into ``bench/out/quality/<task>/<variant>``;
+a run whose ``results.json`` exists is not run again, so the benchmark resumes where it
+stopped (run it in the background, it takes tens of minutes per task on 2 CPU cores).
+Fine-tuned teachers are cached in ``cache/`` and shared by the variants.
+
+    python bench/quality.py                      # everything (resumes)
+    python bench/quality.py --tasks rte --variants teacher
+    python bench/quality.py --report-only        # rebuild the table from what exists
+
+Prints the table as JSON and rewrites the quality section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out" / "quality"
+sys.path.insert(0, str(REPO / "src"))
+
+from xtc_lightning.data import read_local_split  # noqa: E402
+from xtc_lightning.tasks import get_task  # noqa: E402
+
+TASKS = ["cola", "mrpc", "rte", "stsb", "sst2"]
+# Shared by every run: the teacher's budget and the data settings (paper: batch 32, seq 128).
+COMMON = ["data.max_length=128", "data.batch_size=32", "teacher.max_epochs=3", "teacher.lr=1e-4"]
+TASK_OVERRIDES = {"sst2": ["data.max_train_examples=8000"]}
+VARIANTS = {
+    "teacher": ["stage=teacher"],
+    "l3_fp32": ["student=l3", "quant=fp32"],
+    "l3_w1a8": ["student=l3", "quant=binary"],
+    "l3_w2a8": ["student=l3", "quant=ternary"],
+}
+LABELS = {"teacher": "teacher 6L fp32", "l3_fp32": "3L fp32", "l3_w1a8": "3L W1A8", "l3_w2a8": "3L W2A8"}
+MARK = ("<!-- quality:start -->", "<!-- quality:end -->")
+
+
+def majority_baseline(task_name: str, glue_dir: str) -> float:
+    """The task score of always predicting the most frequent dev label (STS-B: a constant, 0)."""
+    task = get_task(task_name)
+    if task.is_regression:
+        return 0.0
+    labels = read_local_split(task, glue_dir, task.dev_splits[0]).labels
+    majority = max(set(labels), key=labels.count)
+    p = labels.count(majority) / len(labels)
+    values = {"accuracy": p, "matthews": 0.0, "f1": 2 * p / (1 + p) if majority == 1 else 0.0}
+    return sum(values[m] for m in task.metrics) / len(task.metrics)
+
+
+def run_one(task: str, variant: str, threads: int) -> Path:
+    run_dir = OUT / task / variant
+    if (run_dir / "results.json").is_file():
+        return run_dir
+    cmd = [
+        sys.executable, str(REPO / "train.py"), f"task={task}", *COMMON, *TASK_OVERRIDES.get(task, []),
+        *VARIANTS[variant], f"hydra.run.dir={run_dir}", f"paths.cache_dir={REPO / 'cache'}",
+        f"num_threads={threads}", "progress=plain",
+    ]  # fmt: skip
+    print(f"[quality] {task} {variant}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"[quality] {task} {variant} failed with exit code {proc.returncode}")
+    print(f"[quality] {task} {variant}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return run_dir
+
+
+def collect(glue_dir: str) -> dict:
+    table: dict = {}
+    for task in TASKS:
+        row = {"baseline": majority_baseline(task, glue_dir)}
+        for variant in VARIANTS:
+            path = OUT / task / variant / "results.json"
+            if path.is_file():
+                res = json.loads(path.read_text())
+                stage = res["stages"][res["stage"]]
+                row[variant] = {
+                    "score": res["score"],
+                    "metrics": res["metrics"],
+                    "score_last_epoch": stage.get("score_last_epoch"),
+                    "wall_time_s": res["wall_time_s"],
+                    "train_examples": res["data"]["train_examples"],
+                }
+        table[task] = row
+    return table
+
+
+def fmt(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def render(table: dict) -> str:
+    lines = [
+        "| task | majority | " + " | ".join(LABELS.values()) + " | W1A8 retention | W1A8 margin kept |",
+        "|---" * (len(LABELS) + 4) + "|",
+    ]
+    retention, margin = [], []
+    for task, row in table.items():
+        cells = []
+        for v in VARIANTS:
+            r = row.get(v)
+            cells.append("–" if r is None else f"{fmt(r['score'])} ({r['wall_time_s'] / 60:.0f} min)")
+        t, s = row.get("teacher"), row.get("l3_w1a8")
+        ret = mar = None
+        if t and s:
+            ret = s["score"] / t["score"]
+            mar = (s["score"] - row["baseline"]) / (t["score"] - row["baseline"])
+            retention.append(ret)
+            margin.append(mar)
+        lines.append(f"| {task} | {fmt(row['baseline'])} | " + " | ".join(cells) + f" | {fmt(ret)}% | {fmt(mar)}% |")
+    if retention:
+        avg_r, avg_m = sum(retention) / len(retention), sum(margin) / len(margin)
+        lines.append(f"| **average** ({len(retention)} tasks) | | | | | | {fmt(avg_r)}% | {fmt(avg_m)}% |")
+    return "\n".join(lines)
+
+
+def update_benchmarks_md(body: str) -> None:
+    path = REPO / "BENCHMARKS.md"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    section = f"{MARK[0]}\n{body}\n{MARK[1]}"
+    if MARK[0] in text:
+        head, rest = text.split(MARK[0], 1)
+        text = head + section + rest.split(MARK[1], 1)[1]
+    else:
+        text = text.rstrip() + "\n\n## Quality (GLUE dev)\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    glue_dir = os.environ.get("GLUE_DIR") or str(REPO.parent / "shared" / "data" / "glue")
+    os.environ["GLUE_DIR"] = glue_dir
+    if not args.report_only:
+        for task in args.tasks:
+            for variant in args.variants:
+                run_one(task, variant, args.threads)
+    table = collect(glue_dir)
+    print(json.dumps(table, indent=2))
+    body = (
+        "Scores are the GLUE task score in percent (CoLA MCC; MRPC mean of F1 and accuracy; RTE and "
+        "SST-2 accuracy; STS-B mean of Pearson and Spearman) of the best-on-dev checkpoint, with wall "
+        "time of the run on this 2-core CPU. *Retention* = student / teacher; *margin kept* = "
+        "(student − majority) / (teacher − majority). SST-2 trains on 8,000 random training "
+        "examples. Produced by `python bench/quality.py` (settings in that file).\n\n" + render(table)
+    )
+    update_benchmarks_md(body)
+
+
+if __name__ == "__main__":
+    main()
