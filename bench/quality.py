@@ -119,7 +119,9 @@ def render(table: dict) -> str:
             mar = (s["score"] - row["baseline"]) / (t["score"] - row["baseline"])
             retention.append(ret)
             margin.append(mar)
-        lines.append(f"| {task} | {fmt(row['baseline'])} | " + " | ".join(cells) + f" | {fmt(ret)}% | {fmt(mar)}% |")
+        lines.append(
+            f"| {task} | {fmt(row['baseline'])} | " + " | ".join(cells) + f" | {fmt(ret)}% | {fmt(mar)}% |"
+        )
     if retention:
         avg_r, avg_m = sum(retention) / len(retention), sum(margin) / len(margin)
         lines.append(f"| **average** ({len(retention)} tasks) | | | | | | {fmt(avg_r)}% | {fmt(avg_m)}% |")

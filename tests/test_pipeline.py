@@ -60,7 +60,17 @@ def test_full_pipeline_tiny_bert(tmp_path, glue_dir, tiny_bert_dir):
         rows = list(csv.DictReader(f, delimiter="\t"))
     acc = accuracy_score([int(r["label"]) for r in rows], [int(r["prediction"]) for r in rows])
     assert len(rows) == 277 and results["metrics"]["dev"]["accuracy"] == pytest.approx(acc)
-    assert "stages:" in proc.stdout and "quantize  1       1/8" in proc.stdout
+    assert (
+        "stages:" in proc.stdout
+        and "quantize  1       1/8" in proc.stdout
+        and "packed    1       1/8" in proc.stdout
+    )
+    packed = results["export"]
+    assert (
+        Path(packed["packed"]).is_file()
+        and packed["size"]["file_bytes"] == Path(packed["packed"]).stat().st_size
+    )
+    assert abs(packed["dev"]["score"] - results["score"]) < 0.05  # fp16 rest: rare flips only
 
     # rerun: the teacher and the reduced student come from the cache; quantize trains again
     proc = run_train(args, tmp_path, glue_dir)

@@ -29,6 +29,8 @@ from xtc_lightning.callbacks import PlainProgress, want_progress_bar
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.distill import check_distill_config, enable_attention_scores
 from xtc_lightning.errors import UserError
+from xtc_lightning.export import SizeReport, export_run
+from xtc_lightning.export.format import STORED_DTYPES
 from xtc_lightning.models import (
     check_model_source,
     count_parameters,
@@ -43,7 +45,7 @@ from xtc_lightning.tasks import GlueTask, get_task
 
 log = logging.getLogger("xtc_lightning")
 
-STAGES = ("teacher", "reduce", "quantize")
+STAGES = ("teacher", "reduce", "quantize", "export")
 # Trainer settings that change what is logged, not what is learned.
 NOT_SHAPING = {"log_every_n_steps", "num_sanity_val_steps"}
 
@@ -340,6 +342,21 @@ def stage_table(results: dict) -> str:
                 "cached" if r.get("cached") else f"{r['wall_time_s']:.0f}s",
             )
         )
+    export = results.get("export")
+    if export and "score" in export.get("dev", {}):
+        last_stage = results["stages"][results["final_stage"]]
+        bits = last_stage.get("bits", {})
+        rows.append(
+            (
+                "packed",
+                str(last_stage.get("num_layers", "")),
+                f"{bits.get('weights', '')}/{bits.get('activations', '')}",
+                f"{export['size']['file_bytes'] / 2**20:.2f}MiB",
+                f"{100 * export['dev']['score']:.2f}",
+                "",
+                "",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
 
@@ -354,6 +371,10 @@ def run(cfg: DictConfig) -> dict:
     quant = QuantConfig.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
     check_distill_config(OmegaConf.to_container(cfg.distill, resolve=True))
     check_model_source(cfg.model.name_or_path)
+    if cfg.export.other_dtype not in STORED_DTYPES:
+        raise UserError(
+            f"export.other_dtype '{cfg.export.other_dtype}' is not accepted; choose one of: {', '.join(STORED_DTYPES)}"
+        )
     run_dir = Path(cfg.paths.output_dir).resolve()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -415,6 +436,17 @@ def run(cfg: DictConfig) -> dict:
     }
     results["wall_time_s"] = round(time.perf_counter() - t0, 2)
     write_json_atomic(run_dir / "results.json", results)
+    if wanted >= STAGES.index("export"):
+        results["export"] = export_run(
+            run_dir, other_dtype=cfg.export.other_dtype, hf=cfg.export.hf, evaluate=cfg.export.evaluate
+        )
+        results["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        write_json_atomic(run_dir / "results.json", results)
+        log.info(
+            "packed export %s:\n%s",
+            results["export"]["packed"],
+            SizeReport.from_dict(results["export"]["size"]).text(),
+        )
     log.info("stages:\n%s", stage_table(results))
     log.info("results: %s", run_dir / "results.json")
     return results

@@ -1,0 +1,159 @@
+"""Evaluate a packed file on a GLUE dev set from the file alone (``xtc-evaluate``).
+
+The model, the task, the tokenizer (``<name>.tokenizer/`` beside the file) and the
+tokenization length and batch size of the run all come from the packed file, so the
+metrics reproduce the run's: same data module, same length-sorted batches, same
+``compute_metrics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from xtc_lightning.data import GlueDataModule
+from xtc_lightning.errors import UserError
+from xtc_lightning.export.packed import load_packed, load_packed_tokenizer, packed_metadata
+from xtc_lightning.metrics import compute_metrics, predictions_from_logits, task_score
+from xtc_lightning.modules import model_inputs
+from xtc_lightning.tasks import GlueTask, get_task
+
+Predictions = dict[str, tuple[Tensor, Tensor, Tensor]]  # split -> (row index, prediction, label)
+
+
+def dev_data(
+    task: GlueTask, tokenizer, glue_dir: str | Path | None, max_length: int, batch_size: int
+) -> GlueDataModule:
+    """The task's dev sets, tokenized and batched as the pipeline does it (no training split read)."""
+    dm = GlueDataModule(
+        task,
+        tokenizer,
+        glue_dir=None if glue_dir is None else str(glue_dir),
+        hub_dataset="nyu-mll/glue",
+        max_length=max_length,
+        batch_size=batch_size,
+        eval_batch_size=batch_size,
+        max_train_examples=None,
+        num_workers=0,
+        cache_dir=None,
+        seed=0,
+    )
+    dm.setup("validate")
+    return dm
+
+
+@torch.no_grad()
+def predict(model: nn.Module, task: GlueTask, datamodule: GlueDataModule) -> Predictions:
+    """(index, prediction, label) per dev split, sorted by row index."""
+    model.eval()
+    out = {}
+    for split, loader in zip(task.dev_splits, datamodule.val_dataloader(), strict=True):
+        index, preds, labels = [], [], []
+        for batch in loader:
+            logits = model(**model_inputs(batch)).logits
+            index.append(batch["index"])
+            preds.append(predictions_from_logits(task, logits).float())
+            labels.append(batch["labels"].float())
+        index_t = torch.cat(index)
+        order = torch.argsort(index_t, stable=True)
+        out[split] = (index_t[order], torch.cat(preds)[order], torch.cat(labels)[order])
+    return out
+
+
+def metrics_of(task: GlueTask, predictions: Predictions) -> dict:
+    """Per-split metrics and the task score, as ``GlueSplitMetric`` computes them."""
+    splits = {}
+    for split, (_, preds, labels) in predictions.items():
+        if not task.is_regression:
+            preds, labels = preds.long(), labels.long()
+        splits[split] = compute_metrics(task, preds, labels)
+    return {"splits": splits, "score": task_score(task, splits)}
+
+
+def evaluate_packed(
+    path: str | Path,
+    glue_dir: str | Path | None,
+    split: str | None = None,
+    *,
+    max_length: int | None = None,
+    batch_size: int | None = None,
+) -> dict:
+    """Dev metrics of a packed file: ``{"task", "splits": {split: metrics}, "score", "examples"}``.
+
+    ``split`` (e.g. ``dev_matched``) limits it to one dev split; ``score`` is then that
+    split's score. ``max_length`` / ``batch_size`` default to the run's stored settings.
+    """
+    meta = packed_metadata(path)
+    task = get_task(meta["task"])
+    if split is not None and split not in task.dev_splits:
+        raise UserError(f"split '{split}' is not a dev split of {task.name}: {', '.join(task.dev_splits)}")
+    data = meta.get("data") or {}
+    max_length = max_length or data.get("max_length")
+    if not max_length:
+        raise UserError(f"{path}: no max_length stored with the file: pass max_length (--max-length)")
+    batch_size = batch_size or data.get("eval_batch_size") or 64
+    if max_length < 1 or batch_size < 1:
+        raise UserError(f"max_length={max_length} and batch_size={batch_size} must be positive")
+    model = load_packed(path)
+    dm = dev_data(task, load_packed_tokenizer(path), glue_dir, max_length, batch_size)
+    predictions = predict(model, task, dm)
+    if split is not None:
+        predictions = {split: predictions[split]}
+    result = metrics_of(task, predictions)
+    if split is not None:
+        result["score"] = result["splits"][split]["score"]
+    return {
+        "path": str(path),
+        "task": task.name,
+        **result,
+        "examples": {s: len(p[0]) for s, p in predictions.items()},
+        "max_length": max_length,
+        "batch_size": batch_size,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="xtc-evaluate", description="Dev metrics of a packed xtc model file, from the file alone."
+    )
+    parser.add_argument("packed_file", help="a .safetensors file written by xtc-export / export_packed")
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("GLUE_DIR"),
+        help="GLUE folder in the glue_data layout (default: $GLUE_DIR; none: the hub dataset)",
+    )
+    parser.add_argument("--split", default=None, help="one dev split (default: all of the task's)")
+    parser.add_argument("--max-length", type=int, default=None, help="default: the run's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval batch size")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--json", default=None, help="also write the result as JSON to this path")
+    args = parser.parse_args(argv)
+    try:
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        result = evaluate_packed(
+            args.packed_file,
+            args.data_dir,
+            args.split,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+        )
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    for split, metrics in result["splits"].items():
+        values = "  ".join(f"{k}={100 * v:.2f}" for k, v in metrics.items())
+        print(f"{result['task']} {split} ({result['examples'][split]} examples): {values}")
+    print(f"score: {100 * result['score']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

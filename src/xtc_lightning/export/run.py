@@ -1,0 +1,208 @@
+"""Export a finished run: its final model as a packed file, a plain HF folder, and its dev score (``xtc-export``).
+
+From ``<run>/results.json`` and ``<run>/config_resolved.yaml``: the quantize stage's
+student is rebuilt as in the pipeline (the reduce stage's model folder, or the teacher's
+when no layer was dropped; ``apply_quantization`` with ``cfg.quant``; the best checkpoint's
+``student.*`` state, loaded with ``weights_only=True``). A run whose last stage is the
+teacher or the reduce stage exports that stage's fp32 model folder. Written into
+``<run>/export/``::
+
+    model.safetensors    the packed file (export_packed)
+    model.tokenizer/     its tokenizer
+    hf/                  plain HF folder, dequantized weights (export_hf)
+    export.json          what export_run returns (paths, size report, dev score)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xtc_lightning.errors import UserError
+from xtc_lightning.export.evaluate import evaluate_packed
+from xtc_lightning.export.hf import export_hf
+from xtc_lightning.export.packed import export_packed, tokenizer_dir
+from xtc_lightning.export.size import SizeReport
+from xtc_lightning.quant import QuantConfig, apply_quantization, set_quantization_enabled
+from xtc_lightning.tasks import get_task
+
+EXPORT_DIR = "export"
+PACKED_NAME = "model.safetensors"
+STUDENT_PREFIX = "student."
+
+
+def read_run(run_dir: Path) -> tuple[dict, object]:
+    """``results.json`` and the resolved config of a run folder."""
+    from omegaconf import OmegaConf
+
+    results_path, config_path = run_dir / "results.json", run_dir / "config_resolved.yaml"
+    for p in (results_path, config_path):
+        if not p.is_file():
+            raise UserError(f"{run_dir} is not a finished run folder: {p.name} is missing")
+    try:
+        results = json.loads(results_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{results_path}: not valid JSON ({err})") from None
+    if not isinstance(results.get("stages"), dict) or not results["stages"]:
+        raise UserError(f"{results_path}: no stages recorded")
+    return results, OmegaConf.load(config_path)
+
+
+def _model_dir(results: dict, stage: str, path: Path) -> str:
+    model_dir = results["stages"].get(stage, {}).get("model_dir")
+    if not model_dir or not Path(model_dir).is_dir():
+        raise UserError(f"{path}: the {stage} stage's model folder {model_dir!r} is gone (cache cleaned?)")
+    return model_dir
+
+
+def rebuild_final_model(run_dir: Path, results: dict, cfg) -> tuple[nn.Module, QuantConfig, str, str]:
+    """(model in eval mode, its quant config, the folder it was built from, the weights' source)."""
+    from omegaconf import OmegaConf
+
+    from xtc_lightning.models import load_classifier
+
+    task = get_task(results["task"])
+    final = results.get("final_stage") or list(results["stages"])[-1]
+    if final != "quantize":
+        base = _model_dir(results, final, run_dir)
+        return load_classifier(cfg.model, task, name_or_path=base).eval(), QuantConfig(), base, base
+    base = _model_dir(results, "reduce" if "reduce" in results["stages"] else "teacher", run_dir)
+    quant = QuantConfig.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
+    student = load_classifier(cfg.model, task, name_or_path=base)
+    apply_quantization(student, quant)
+    checkpoints = results["stages"]["quantize"].get("checkpoints") or {}
+    ckpt_path = checkpoints.get("best") or checkpoints.get("last")
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        raise UserError(f"{run_dir}: the quantize stage's checkpoint {ckpt_path!r} is missing")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or an object weights_only refuses
+        raise UserError(f"{ckpt_path}: cannot load the checkpoint ({type(err).__name__})") from None
+    state = {
+        k.removeprefix(STUDENT_PREFIX): v
+        for k, v in ckpt.get("state_dict", {}).items()
+        if k.startswith(STUDENT_PREFIX)
+    }
+    own = student.state_dict()
+    if set(state) != set(own):
+        missing = sorted(set(own) - set(state))[:3]
+        extra = sorted(set(state) - set(own))[:3]
+        raise UserError(
+            f"{ckpt_path}: does not fit the rebuilt student (missing {missing}, unexpected {extra})"
+        )
+    student.load_state_dict(state, strict=True)
+    set_quantization_enabled(student, True)
+    return student.eval(), quant, base, ckpt_path
+
+
+def export_run(
+    run_dir: str | Path,
+    *,
+    other_dtype: str = "float16",
+    glue_dir: str | Path | None = None,
+    hf: bool = True,
+    evaluate: bool = True,
+) -> dict:
+    """Export a run's final model into ``<run>/export/``; returns (and writes as export.json) a summary.
+
+    ``glue_dir`` defaults to the run's ``data.dir``; the dev evaluation of the packed file is
+    skipped (with the reason in ``dev.skipped``) when there is no local GLUE folder.
+    """
+    from transformers import AutoTokenizer
+
+    run_dir = Path(run_dir).resolve()
+    results, cfg = read_run(run_dir)
+    model, quant, base, source = rebuild_final_model(run_dir, results, cfg)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    teacher_dir = results["stages"].get("teacher", {}).get("model_dir")
+    teacher_file = Path(teacher_dir or "") / "model.safetensors"
+    teacher_bytes = teacher_file.stat().st_size if teacher_dir and teacher_file.is_file() else None
+    out_dir = run_dir / EXPORT_DIR
+    packed_path = out_dir / PACKED_NAME
+    size = export_packed(
+        model,
+        packed_path,
+        quant_cfg=quant,
+        task=results["task"],
+        tokenizer=tokenizer,
+        other_dtype=other_dtype,
+        max_length=int(cfg.data.max_length),
+        eval_batch_size=int(cfg.data.eval_batch_size),
+        extra_meta={"run_dir": str(run_dir), "stage": results.get("final_stage"), "source": str(source)},
+        teacher_bytes=teacher_bytes,
+    )
+    summary = {
+        "packed": str(packed_path),
+        "tokenizer": str(tokenizer_dir(packed_path)),
+        "hf": str(export_hf(model, out_dir / "hf", tokenizer)) if hf else None,
+        "other_dtype": other_dtype,
+        "stage": results.get("final_stage"),
+        "source": str(source),
+        "size": size.as_dict(),
+        "dev": None,
+    }
+    if evaluate:
+        data_dir = glue_dir if glue_dir is not None else cfg.data.get("dir")
+        if data_dir and Path(data_dir).is_dir():
+            dev = evaluate_packed(packed_path, data_dir)
+            summary["dev"] = {
+                "splits": dev["splits"],
+                "score": dev["score"],
+                "run_score": results.get("score"),
+                "score_difference": None if results.get("score") is None else dev["score"] - results["score"],
+            }
+        else:
+            summary["dev"] = {"skipped": f"no local GLUE folder (data.dir={data_dir!r})"}
+    tmp = out_dir / f".export.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out_dir / "export.json")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="xtc-export", description="Export a finished run's final model as a packed low-bit file."
+    )
+    parser.add_argument("run_dir", help="a run folder (holding results.json and config_resolved.yaml)")
+    parser.add_argument(
+        "--other-dtype",
+        default="float16",
+        choices=["float16", "bfloat16", "float32"],
+        help="width of scales and non-quantized tensors (float32: bit-exact with the trained model)",
+    )
+    parser.add_argument("--data-dir", default=None, help="GLUE folder for the dev check (default: the run's)")
+    parser.add_argument("--no-hf", action="store_true", help="skip the plain HF folder")
+    parser.add_argument("--no-eval", action="store_true", help="skip the dev evaluation of the packed file")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args(argv)
+    try:
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        summary = export_run(
+            args.run_dir,
+            other_dtype=args.other_dtype,
+            glue_dir=args.data_dir,
+            hf=not args.no_hf,
+            evaluate=not args.no_eval,
+        )
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(SizeReport.from_dict(summary["size"]).text())
+    print(f"packed: {summary['packed']}")
+    dev = summary["dev"] or {}
+    if "score" in dev:
+        run = "-" if dev["run_score"] is None else f"{100 * dev['run_score']:.2f}"
+        print(f"dev score of the packed file: {100 * dev['score']:.2f} (run: {run})")
+    elif "skipped" in dev:
+        print(f"dev evaluation skipped: {dev['skipped']}")
+
+
+if __name__ == "__main__":
+    main()
