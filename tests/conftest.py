@@ -37,20 +37,34 @@ def minilm_dir() -> str:
     return minilm_path()
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
-    """A randomly initialised 2-layer BERT (hidden 32) with the real MiniLM tokenizer."""
+def save_tiny_bert(path: Path, tokenizer_dir: str, num_layers: int) -> Path:
+    """A randomly initialised BERT (hidden 32, 2 heads) with the real MiniLM tokenizer."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_bert")
     config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        intermediate_size=64,
     )
     BertModel(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A random 2-layer BERT: seconds per pipeline run."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), minilm_dir, num_layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert12_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A random 12-layer BERT: the paper presets' layer selections (l6, l5) apply to it."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert12"), minilm_dir, num_layers=12)
 
 
 def run_train(args: list[str], root: Path, glue_dir: Path | None = None, timeout: int = 600):

@@ -17,21 +17,6 @@ from xtc_lightning.cli import CONF_DIR
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
-@pytest.fixture(scope="session")
-def tiny_bert12_dir(tmp_path_factory, minilm_dir) -> Path:
-    """A random 12-layer BERT (hidden 32): the paper presets' layer selections apply to it."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_bert12")
-    config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64
-    )
-    BertModel(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(path)
-    return path
-
-
 def test_full_pipeline_tiny_bert(tmp_path, glue_dir, tiny_bert_dir):
     args = [
         "task=rte", f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", "quant=binary",
