@@ -1,0 +1,256 @@
+"""Low-bit CPU inference: int8 activations x low-bit weight codes through an integer GEMM.
+
+For a quantized linear whose weight scale is constant along each output row (groups
+"tensor", "row", or N groups with N dividing ``out_features``: every group is whole
+rows) and whose input is quantized symmetrically (dynamic per token, or a calibrated
+static per-tensor range), the fake-quant forward is, exactly::
+
+    y[t, o] = a_scale[t] * w_scale[o] * sum_i a_code[t, i] * w_code[o, i] + b[o]
+
+``Int8Linear`` computes the sum with ``torch._int_mm`` (int8 x int8 -> int32, exact:
+|sum| <= K * 127 * 127 fits int32 for any BERT width), then applies the two scales and
+the bias in fp32. The activation codes are computed with the very same float operations
+as ``fake_quantize_activation`` (same absmax, same ``div`` + ``round``), so the integer
+codes are identical and the only difference to the fake-quant model is fp32 rounding
+(the fake-quant path sums K rounded fp32 products; this one sums exactly and rounds
+twice). Weight codes: binary {-1, +1}, ternary {-1, 0, 1}, symmetric k-bit, and
+asymmetric k <= 7 bits (``code - zero_point`` still fits int8) are all stored as one
+int8 matrix built once at load.
+
+Not supported (the layer is left as it is, i.e. the exact fp32 dequantized fallback):
+groups that split a row (N not dividing ``out_features``: it would need per-group
+partial sums), asymmetric activations, 8-bit asymmetric weights, unquantized weights,
+an uncalibrated static range, ``quant_enabled = False``.
+
+Typical use::
+
+    model = load_runtime("out/model.safetensors")   # load_packed + optimize_for_inference
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from xtc_lightning.quant import QuantLinear, WeightCodes, weight_codes
+from xtc_lightning.quant.quantizers import activation_qparams, activation_qrange
+
+INT8_MAX = 127
+
+
+def int8_weight(wc: WeightCodes, out_features: int) -> tuple[Tensor, Tensor] | None:
+    """``(codes int8 (out, in), per-row scale fp32 (out,))`` of a weight, or None if unsupported."""
+    g = wc.num_groups
+    if wc.codes.dim() != 2 or g <= 0 or out_features % g:
+        return None  # a group would split a row
+    rows_per_group = out_features // g
+    codes = wc.codes.to(torch.int16)
+    if wc.zero_point is not None:
+        zp = wc.zero_point.to(torch.int16).repeat_interleave(rows_per_group).unsqueeze(1)
+        codes = codes - zp
+    if codes.numel() and (codes.abs().amax() > INT8_MAX):
+        return None  # e.g. 8-bit asymmetric: code - zero point needs 9 bits
+    scale = wc.scale.to(torch.float32).repeat_interleave(rows_per_group)
+    return codes.to(torch.int8).contiguous(), scale.contiguous()
+
+
+def quantize_per_token(x: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+    """int8 codes and per-row scale of ``x (M, K)``: the float ops of the dynamic fake quantizer.
+
+    ``max|x|`` is one ``inf``-norm pass (equal to ``max(amax, -amin)`` exactly); the codes
+    are ``round(x / scale)`` with the same ``div``, so they equal the fake quantizer's.
+    |x| / (max|x| / Q) <= Q up to rounding (< Q + 0.5): no clamp is needed.
+    """
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).div_(qmax)
+    scale = torch.where(scale > 0, scale, 1)
+    return torch.div(x, scale).round_().to(torch.int8), scale
+
+
+def quantize_static(x: Tensor, scale: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+    """int8 codes of ``x`` for a fixed per-tensor scale (clamped to [-Q, Q])."""
+    return torch.div(x, scale).round_().clamp_(-qmax, qmax).to(torch.int8), scale
+
+
+def rescale(acc: Tensor, w_scale: Tensor, a_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``acc * w_scale[col] * a_scale[row] + bias[col]`` in fp32 (int32 ``acc``)."""
+    y = torch.mul(acc, w_scale)  # int32 * fp32 -> fp32
+    if bias is None:
+        return y.mul_(a_scale)
+    return torch.addcmul(bias, y, a_scale)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(name: str):
+    """``torch.compile`` (inductor, dynamic shapes) of ``quantize_per_token`` or ``rescale``, built once."""
+    fn = _COMPILED.get(name)
+    if fn is None:
+        eager = {"quantize": quantize_per_token, "rescale": rescale}[name]
+        fn = _COMPILED[name] = torch.compile(eager, dynamic=True)
+    return fn
+
+
+class InputCache:
+    """The last input a group of linears quantized (query, key and value read the same tensor).
+
+    Reused only for the very same tensor object (``is``; the cache holds a reference, so
+    its id cannot be recycled) and the same activation quantizer.
+    """
+
+    __slots__ = ("x", "key", "codes", "scale")
+
+    def __init__(self):
+        self.x = self.key = self.codes = self.scale = None
+
+
+class Int8Linear(nn.Module):
+    """A quantized linear as an int8 x int8 -> int32 GEMM (same output as the fake-quant layer).
+
+    ``weight_int8`` (out, in) holds the weight codes (minus zero point), ``weight_scale``
+    (out,) the per-row scale; ``act_scale`` is None (dynamic per-token input scale) or a
+    fixed per-tensor scale (calibrated static range).
+    """
+
+    def __init__(
+        self,
+        weight_int8: Tensor,
+        weight_scale: Tensor,
+        bias: Tensor | None,
+        act_qmax: int,
+        act_scale: Tensor | None = None,
+    ):
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        self.register_buffer("act_scale", act_scale)
+        self.act_qmax = act_qmax
+        self.compiled = False  # use the torch.compile'd (fused) quantize / rescale kernels
+        self.input_cache: InputCache | None = None  # shared with sibling linears reading the same input
+
+    @classmethod
+    def from_quant_linear(cls, layer: QuantLinear) -> Int8Linear | None:
+        """The fast module for ``layer`` (a ``PackedLinear`` or a training ``QuantLinear``), or None."""
+        a, w = layer.activation_spec, layer.weight_spec
+        if not (layer.quant_enabled and w.enabled and a.enabled and a.method == "symmetric"):
+            return None
+        qmin, qmax = activation_qrange(a)
+        if qmax > INT8_MAX:
+            return None
+        act_scale = None
+        if a.range == "static":
+            r = getattr(layer, "act_range", None)
+            if r is None or torch.isnan(r).any():
+                return None  # uncalibrated: the fake-quant layer uses each batch's own range
+            act_scale, _ = activation_qparams(r[0].float(), r[1].float(), a)
+            act_scale = act_scale.reshape(()).clone()
+        codes = getattr(layer, "codes", None)
+        if codes is None:  # a training QuantLinear: its codes are those of its fake-quantized weight
+            codes = weight_codes(layer.weight.detach().float(), w)
+        packed = int8_weight(codes, layer.out_features)
+        if packed is None:
+            return None
+        return cls(*packed, layer.bias, qmax, act_scale)
+
+    def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """int8 codes ``(M, K)`` and scale ``(M, 1)`` or ``()``, as ``fake_quantize_activation`` computes them."""
+        cache = self.input_cache
+        key = (self.act_qmax, None if self.act_scale is None else float(self.act_scale))
+        if cache is not None and cache.x is x and cache.key == key:
+            return cache.codes, cache.scale
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        if self.act_scale is None:
+            fn = _compiled("quantize") if self.compiled else quantize_per_token
+            codes, scale = fn(x2, self.act_qmax)
+        else:
+            codes, scale = quantize_static(x2, self.act_scale, self.act_qmax)
+        if cache is not None:
+            cache.x, cache.key, cache.codes, cache.scale = x, key, codes, scale
+        return codes, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        codes, a_scale = self.quantize_input(x)
+        acc = torch._int_mm(codes, self.weight_int8.t())  # (M, N) int32, exact
+        fn = _compiled("rescale") if self.compiled else rescale
+        y = fn(acc, self.weight_scale, a_scale, self.bias)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        act = "dynamic per-token" if self.act_scale is None else "static"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, activation=int{self.act_qmax.bit_length() + 1} {act}"
+        )
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    attn_implementation: str | None = "sdpa",
+    compile: bool = True,
+    share_inputs: bool = True,
+) -> nn.Module:
+    """Swap every supported quantized linear for an ``Int8Linear`` (in place); returns ``model`` in eval mode.
+
+    Unsupported layers (see the module docstring) stay as they are: exact fake-quant /
+    dequantized fp32 behaviour. ``attn_implementation`` ("sdpa", "eager" or None to keep
+    the model's) switches the attention kernel; the fake-quant reference uses eager, sdpa
+    gives the same logits up to float rounding and is faster. ``compile`` runs the
+    activation quantizer and the int32 -> fp32 rescale as ``torch.compile``'d fused
+    kernels (first call compiles, ~20 s; falls back to eager ops if compiling fails).
+    ``share_inputs`` lets the linears of one parent module (query / key / value) quantize
+    their common input once. ``model.int8_summary`` records
+    ``{"int8": [...names], "fallback": [...names]}``.
+    """
+    use_compile = compile and _can_compile()
+    fast, fallback = [], []
+    caches: dict[str, InputCache] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantLinear):
+            continue
+        new = Int8Linear.from_quant_linear(module)
+        if new is None:
+            fallback.append(name)
+            continue
+        parent, _, child = name.rpartition(".")
+        new.compiled = use_compile
+        if share_inputs:
+            new.input_cache = caches.setdefault(parent, InputCache())
+        setattr(model.get_submodule(parent), child, new)
+        fast.append(name)
+    current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attn_implementation is not None and current is not None and current != attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    model.int8_summary = {"int8": fast, "fallback": fallback}
+    return model.eval()
+
+
+def _can_compile() -> bool:
+    """True if inductor can build the fused kernels here (a C++ compiler exists and a tiny case compiles)."""
+    if "ok" not in _COMPILED:
+        try:
+            with torch.inference_mode():
+                x = torch.randn(3, 8)
+                codes, scale = _compiled("quantize")(x, INT8_MAX)
+                ok = torch.equal(codes, quantize_per_token(x, INT8_MAX)[0])
+        except Exception:  # noqa: BLE001 - any compiler / inductor failure means: use eager ops
+            ok = False
+        _COMPILED["ok"] = ok
+    return bool(_COMPILED["ok"])
+
+
+def load_runtime(
+    path: str | Path, attn_implementation: str | None = "sdpa", compile: bool = True
+) -> nn.Module:
+    """``optimize_for_inference(load_packed(path))``: the fast CPU model of a packed file."""
+    from xtc_lightning.export.packed import load_packed
+
+    return optimize_for_inference(load_packed(path), attn_implementation=attn_implementation, compile=compile)

@@ -1,0 +1,190 @@
+"""Low-bit CPU runtime: Int8Linear equals the fake-quant layer; optimize_for_inference keeps predictions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, BertConfig
+
+from xtc_lightning.export import PackedLinear, export_packed, load_packed
+from xtc_lightning.export.runtime import (
+    Int8Linear,
+    load_runtime,
+    optimize_for_inference,
+    quantize_per_token,
+)
+from xtc_lightning.export.runtime import _compiled as compiled_kernel
+from xtc_lightning.quant import ActivationSpec, QuantConfig, QuantLinear, WeightSpec, apply_quantization
+
+A8 = ActivationSpec("symmetric", 8, "dynamic")
+WEIGHTS = {
+    "binary": WeightSpec("binary", 1, "row"),
+    "ternary": WeightSpec("ternary", 2, "row"),
+    "sym4": WeightSpec("symmetric", 4, "row"),
+    "sym8": WeightSpec("symmetric", 8, "row"),
+    "binary-tensor": WeightSpec("binary", 1, "tensor"),
+    "binary-g3": WeightSpec("binary", 1, 3),  # 3 groups of whole rows (out = 9)
+    "asym4": WeightSpec("asymmetric", 4, "row"),
+}
+
+
+def quant_linear(spec: WeightSpec, act: ActivationSpec, k: int, n: int, seed: int = 0) -> QuantLinear:
+    torch.manual_seed(seed)
+    return QuantLinear(nn.Linear(k, n), spec, act).eval()
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    # exact integer sums vs K rounded fp32 products: relative float error only
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("name", list(WEIGHTS))
+@pytest.mark.parametrize("shape", [(1, 1, 37), (5, 23, 37), (64, 8, 37)])
+def test_int8_linear_equals_fake_quant(name, shape):
+    layer = quant_linear(WEIGHTS[name], A8, k=shape[-1], n=9)
+    fast = Int8Linear.from_quant_linear(layer)
+    assert fast is not None and fast.weight_int8.dtype == torch.int8
+    x = torch.randn(shape) * 3
+    x[0, 0] = 0  # an all-zero token: scale 1, codes 0
+    with torch.inference_mode():
+        close(fast(x), layer(x))
+
+
+def test_compiled_quantizer_gives_the_eager_codes():
+    x = torch.randn(50, 37) * 5
+    x[3] = 0
+    with torch.inference_mode():
+        for qmax in (127, 7):
+            codes, scale = compiled_kernel("quantize")(x, qmax)
+            ref_codes, ref_scale = quantize_per_token(x, qmax)
+            assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+
+
+def test_shared_input_is_quantized_once_and_gives_the_same_outputs():
+    layers = nn.ModuleDict(
+        {k: quant_linear(WEIGHTS["binary"], A8, 16, 8, seed=i) for i, k in enumerate("qkv")}
+    )
+    parent = nn.Sequential(layers)
+    ref = {k: m for k, m in layers.items()}
+    x = torch.randn(2, 5, 16)
+    with torch.inference_mode():
+        expected = {k: m(x) for k, m in ref.items()}
+        optimize_for_inference(parent, compile=False)
+        fast = parent[0]
+        assert fast["q"].input_cache is fast["k"].input_cache is fast["v"].input_cache
+        for k in "qkv":
+            close(fast[k](x), expected[k])
+        assert fast["q"].input_cache.x is x
+        y = torch.randn(2, 5, 16)  # a new tensor is quantized again
+        close(fast["k"](y), ref["k"](y))
+
+
+def test_int8_linear_act4_and_static_range():
+    for act in (ActivationSpec("symmetric", 4, "dynamic"), ActivationSpec("symmetric", 8, "static")):
+        layer = quant_linear(WEIGHTS["ternary"], act, k=40, n=24)
+        if act.range == "static":
+            layer.train()
+            layer(torch.randn(7, 40))
+            layer.eval()
+        fast = Int8Linear.from_quant_linear(layer)
+        x = torch.randn(3, 11, 40) * 2
+        with torch.inference_mode():
+            close(fast(x), layer(x))
+
+
+@pytest.mark.parametrize(
+    "spec, act",
+    [
+        (WeightSpec("binary", 1, 36), A8),  # groups split rows (out = 24 rows)
+        (WeightSpec("asymmetric", 8, "row"), A8),  # code - zero point needs 9 bits
+        (WeightSpec("binary", 1, "row"), ActivationSpec("asymmetric", 8, "dynamic")),
+        (WeightSpec("binary", 1, "row"), ActivationSpec("symmetric", 8, "static")),  # uncalibrated
+    ],
+)
+def test_unsupported_layers_fall_back_unchanged(spec, act):
+    layer = quant_linear(spec, act, k=24, n=24)
+    assert Int8Linear.from_quant_linear(layer) is None
+    model = nn.Sequential(layer)
+    x = torch.randn(4, 24)
+    with torch.inference_mode():
+        before = model(x)
+        optimize_for_inference(model)
+        assert model[0] is layer and model.int8_summary == {"int8": [], "fallback": ["0"]}
+        assert torch.equal(model(x), before)
+
+
+def tiny_bert(cfg: QuantConfig, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=300,
+        hidden_size=40,  # not a multiple of 8 / 16: any shape works
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=72,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    apply_quantization(model, cfg)
+    return model.eval()
+
+
+def inputs(n: int, length: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 300, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(n):
+        pad = (3 * i) % (length - 1)
+        if pad:
+            mask[i, -pad:] = 0
+            ids[i, -pad:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize(
+    "method, bits, groups", [("binary", 1, "row"), ("ternary", 2, 8), ("symmetric", 4, "row")]
+)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_optimized_packed_model_keeps_predictions(method, bits, groups, attn, tmp_path):
+    cfg = QuantConfig.from_dict(
+        {
+            "name": "q",
+            "weight": {"method": method, "bits": bits, "groups": groups},
+            "activation": {"method": "symmetric", "bits": 8},
+            "word_embeddings": True,
+        }
+    )
+    path = tmp_path / "m.safetensors"
+    export_packed(tiny_bert(cfg), path, quant_cfg=cfg, task="mnli", other_dtype="float32")
+    reference = load_packed(path)
+    fast = load_runtime(path, attn_implementation=attn, compile=attn == "sdpa")  # both kernel paths
+    assert not any(isinstance(m, PackedLinear) for m in fast.modules())
+    assert len(fast.int8_summary["int8"]) == 12 and not fast.int8_summary["fallback"]
+    with torch.inference_mode():
+        for n, length, seed in ((1, 9, 0), (33, 17, 1), (8, 64, 2)):
+            x = inputs(n, length, seed)
+            ref, out = reference(**x).logits, fast(**x).logits
+            close(out, ref)
+            assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_fallback_layer_in_a_model_is_exact(tmp_path):
+    """Groups that split rows: every linear stays a PackedLinear, logits are bit-identical (eager)."""
+    cfg = QuantConfig.from_dict(
+        {
+            "name": "q",
+            "weight": {"method": "binary", "bits": 1, "groups": 160},  # 40x40: 10 per row, splits rows
+            "activation": {"method": "symmetric", "bits": 8},
+            "targets": ["query", "key", "value", "attention_output"],
+        }
+    )
+    path = tmp_path / "m.safetensors"
+    export_packed(tiny_bert(cfg), path, quant_cfg=cfg, task="rte", other_dtype="float32")
+    reference = load_packed(path)
+    fast = load_runtime(path, attn_implementation="eager")
+    assert fast.int8_summary == {"int8": [], "fallback": fast.int8_summary["fallback"]}
+    assert len(fast.int8_summary["fallback"]) == 8
+    with torch.inference_mode():
+        x = inputs(4, 12, 3)
+        assert torch.equal(fast(**x).logits, reference(**x).logits)
