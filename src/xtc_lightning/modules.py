@@ -35,14 +35,12 @@ def supervised_loss(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) 
     return nn.functional.cross_entropy(logits, labels.long())
 
 
-def adamw_with_linear_schedule(
-    module: L.LightningModule, params: list[nn.Parameter] | None, optim: dict, lr: float
-):
-    """AdamW (no decay on biases and LayerNorm weights), linear warm-up then linear decay to 0."""
+def adamw_with_linear_schedule(module: L.LightningModule, optim: dict, lr: float):
+    """AdamW (no decay on biases and LayerNorm weights), linear warm-up then linear decay to 0.
+
+    Only trainable parameters are optimized (a distillation teacher has none).
+    """
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    if params is not None:
-        wanted = {id(p) for p in params}
-        named = [(n, p) for n, p in named if id(p) in wanted]
     no_decay = [p for n, p in named if p.ndim < 2]  # biases, LayerNorm weights and biases
     decay = [p for n, p in named if p.ndim >= 2]
     optimizer = torch.optim.AdamW(
@@ -121,7 +119,7 @@ class ClassifierModule(GlueModule):
         return loss
 
     def configure_optimizers(self):
-        return adamw_with_linear_schedule(self, None, self.optim, self.lr)
+        return adamw_with_linear_schedule(self, self.optim, self.lr)
 
 
 class DistillModule(GlueModule):
@@ -204,7 +202,7 @@ class DistillModule(GlueModule):
         return losses["total"]
 
     def configure_optimizers(self):
-        return adamw_with_linear_schedule(self, None, self.optim, self.lr)
+        return adamw_with_linear_schedule(self, self.optim, self.lr)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
