@@ -343,7 +343,7 @@ def stage_table(results: dict) -> str:
             )
         )
     export = results.get("export")
-    if export and "score" in export.get("dev", {}):
+    if export and "score" in (export.get("dev") or {}):
         last_stage = results["stages"][results["final_stage"]]
         bits = last_stage.get("bits", {})
         rows.append(
