@@ -97,8 +97,8 @@ def collect(glue_dir: str) -> dict:
     return table
 
 
-def fmt(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
+def fmt(x: float | None, unit: str = "") -> str:
+    return "–" if x is None else f"{100 * x:.1f}{unit}"
 
 
 def render(table: dict) -> str:
@@ -120,11 +120,15 @@ def render(table: dict) -> str:
             retention.append(ret)
             margin.append(mar)
         lines.append(
-            f"| {task} | {fmt(row['baseline'])} | " + " | ".join(cells) + f" | {fmt(ret)}% | {fmt(mar)}% |"
+            f"| {task} | {fmt(row['baseline'])} | "
+            + " | ".join(cells)
+            + f" | {fmt(ret, '%')} | {fmt(mar, '%')} |"
         )
     if retention:
         avg_r, avg_m = sum(retention) / len(retention), sum(margin) / len(margin)
-        lines.append(f"| **average** ({len(retention)} tasks) | | | | | | {fmt(avg_r)}% | {fmt(avg_m)}% |")
+        lines.append(
+            f"| **average** ({len(retention)} tasks) | | | | | | {fmt(avg_r, '%')} | {fmt(avg_m, '%')} |"
+        )
     return "\n".join(lines)
 
 
