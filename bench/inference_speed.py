@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchmarks_md import update_section  # bench/ is on sys.path when run as a script
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +57,6 @@ from xtc_lightning.quant import QuantConfig, apply_quantization  # noqa: E402
 from xtc_lightning.student import build_student  # noqa: E402
 from xtc_lightning.tasks import get_task  # noqa: E402
 
-MARK = ("<!-- inference:start -->", "<!-- inference:end -->")
 STUDENT_LAYERS = [1, 3, 5]
 
 
@@ -251,20 +251,7 @@ def report(result: dict, command: str) -> str:
 
 
 def update_benchmarks_md(body: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    section = f"{MARK[0]}\n{body}\n{MARK[1]}"
-    if MARK[0] in text:
-        head, rest = text.split(MARK[0], 1)
-        text = head + section + rest.split(MARK[1], 1)[1]
-    else:
-        text = (
-            text.rstrip()
-            + "\n\n## CPU inference speed (fp32 vs fake quant vs int8 runtime)\n\n"
-            + section
-            + "\n"
-        )
-    path.write_text(text)
+    update_section("inference", "CPU inference speed (fp32 vs fake quant vs int8 runtime)", body)
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks_md import update_section  # bench/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "quality"
 sys.path.insert(0, str(REPO / "src"))
@@ -44,7 +46,6 @@ VARIANTS = {
     "l3_w2a8": ["student=l3", "quant=ternary"],
 }
 LABELS = {"teacher": "teacher 6L fp32", "l3_fp32": "3L fp32", "l3_w1a8": "3L W1A8", "l3_w2a8": "3L W2A8"}
-MARK = ("<!-- quality:start -->", "<!-- quality:end -->")
 
 
 def majority_baseline(task_name: str, glue_dir: str) -> float:
@@ -133,15 +134,7 @@ def render(table: dict) -> str:
 
 
 def update_benchmarks_md(body: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    section = f"{MARK[0]}\n{body}\n{MARK[1]}"
-    if MARK[0] in text:
-        head, rest = text.split(MARK[0], 1)
-        text = head + section + rest.split(MARK[1], 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Quality (GLUE dev)\n\n" + section + "\n"
-    path.write_text(text)
+    update_section("quality", "Quality (GLUE dev)", body)
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from benchmarks_md import update_section  # bench/ is on sys.path when run as a script
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +45,6 @@ from xtc_lightning.models import minilm_path  # noqa: E402
 from xtc_lightning.quant import QuantConfig, apply_quantization  # noqa: E402
 from xtc_lightning.student import build_student  # noqa: E402
 
-MARK = ("<!-- size:start -->", "<!-- size:end -->")
-HEADING = "## Packed model size"
 COMMAND = ".venv/bin/python bench/size.py"
 TASK = "sst2"  # 2 labels, as both models' heads
 BOUND_GOAL = 1.02  # file / bound
@@ -284,18 +283,7 @@ def section(result: dict) -> str:
 
 
 def update_benchmarks_md(body: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    block = f"{MARK[0]}\n{body}\n{MARK[1]}"
-    if MARK[0] in text and MARK[1] in text:
-        head, rest = text.split(MARK[0], 1)
-        text = head + block + rest.split(MARK[1], 1)[1]
-    else:
-        first, _, rest = text.partition("\n")
-        if first.strip() != "# Benchmarks":
-            first, rest = "# Benchmarks", text
-        text = f"{first}\n\n{HEADING}\n\n{block}\n\n{rest.lstrip(chr(10))}"
-    path.write_text(text)
+    update_section("size", "Packed model size", body)
 
 
 def main() -> None:

@@ -51,6 +51,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks_md import update_section  # bench/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
@@ -71,7 +73,6 @@ from xtc_lightning.quant import (  # noqa: E402
     set_quantization_enabled,
 )
 
-MARK = ("<!-- step_time:start -->", "<!-- step_time:end -->")
 OUT = REPO / "bench" / "out" / "step_time.json"
 SEED = 0
 
@@ -624,15 +625,7 @@ def render(res: dict) -> str:
 
 
 def update_benchmarks_md(body: str) -> None:
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    section = f"{MARK[0]}\n{body}\n{MARK[1]}"
-    if MARK[0] in text:
-        head, rest = text.split(MARK[0], 1)
-        text = head + section + rest.split(MARK[1], 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Training step time (fp32 vs W1A8 vs DeepSpeed)\n\n" + section + "\n"
-    path.write_text(text)
+    update_section("step_time", "Training step time (fp32 vs W1A8 vs DeepSpeed)", body)
 
 
 # -------------------------------------------------------------------------------- main
