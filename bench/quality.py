@@ -86,7 +86,7 @@ def collect(glue_dir: str) -> dict:
             path = OUT / task / variant / "results.json"
             if path.is_file():
                 res = json.loads(path.read_text())
-                stage = res["stages"][res["stage"]]
+                stage = res["stages"][res.get("final_stage", res["stage"])]
                 row[variant] = {
                     "score": res["score"],
                     "metrics": res["metrics"],
