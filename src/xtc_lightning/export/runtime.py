@@ -3,17 +3,10 @@
 For a quantized linear whose weight scale is constant along each output row (groups
 "tensor", "row", or N groups with N dividing ``out_features``: every group is whole
 rows) and whose input is quantized symmetrically (dynamic per token, or a calibrated
-static per-tensor range), the fake-quant forward is, exactly::
-
-    y[t, o] = a_scale[t] * w_scale[o] * sum_i a_code[t, i] * w_code[o, i] + b[o]
-
-``Int8Linear`` computes the sum with ``torch._int_mm`` (int8 x int8 -> int32, exact:
-|sum| <= K * 127 * 127 fits int32 for any BERT width), then applies the two scales and
-the bias in fp32. The activation codes are computed with the very same float operations
-as ``fake_quantize_activation`` (same absmax, same ``div`` + ``round``), so the integer
-codes are identical and the only difference to the fake-quant model is fp32 rounding
-(the fake-quant path sums K rounded fp32 products; this one sums exactly and rounds
-twice). Weight codes: binary {-1, +1}, ternary {-1, 0, 1}, symmetric k-bit, and
+static per-tensor range), ``Int8Linear`` computes the fake-quant forward as an int8 x int8
+-> int32 GEMM plus an fp32 rescale (``quant/int8.py``, shared with training): the
+integer codes are identical to the fake-quant model's, the only difference is fp32
+rounding. Weight codes: binary {-1, +1}, ternary {-1, 0, 1}, symmetric k-bit, and
 asymmetric k <= 7 bits (``code - zero_point`` still fits int8) are all stored as one
 int8 matrix built once at load.
 
@@ -37,9 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from xtc_lightning.quant import QuantLinear, WeightCodes, weight_codes
+from xtc_lightning.quant.int8 import INT8_MAX, quantize_per_token, rescale
 from xtc_lightning.quant.quantizers import activation_qparams, activation_qrange
-
-INT8_MAX = 127
 
 
 def int8_weight(wc: WeightCodes, out_features: int) -> tuple[Tensor, Tensor] | None:
@@ -58,29 +50,9 @@ def int8_weight(wc: WeightCodes, out_features: int) -> tuple[Tensor, Tensor] | N
     return codes.to(torch.int8).contiguous(), scale.contiguous()
 
 
-def quantize_per_token(x: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
-    """int8 codes and per-row scale of ``x (M, K)``: the float ops of the dynamic fake quantizer.
-
-    ``max|x|`` is one ``inf``-norm pass (equal to ``max(amax, -amin)`` exactly); the codes
-    are ``round(x / scale)`` with the same ``div``, so they equal the fake quantizer's.
-    |x| / (max|x| / Q) <= Q up to rounding (< Q + 0.5): no clamp is needed.
-    """
-    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).div_(qmax)
-    scale = torch.where(scale > 0, scale, 1)
-    return torch.div(x, scale).round_().to(torch.int8), scale
-
-
 def quantize_static(x: Tensor, scale: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
     """int8 codes of ``x`` for a fixed per-tensor scale (clamped to [-Q, Q])."""
     return torch.div(x, scale).round_().clamp_(-qmax, qmax).to(torch.int8), scale
-
-
-def rescale(acc: Tensor, w_scale: Tensor, a_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """``acc * w_scale[col] * a_scale[row] + bias[col]`` in fp32 (int32 ``acc``)."""
-    y = torch.mul(acc, w_scale)  # int32 * fp32 -> fp32
-    if bias is None:
-        return y.mul_(a_scale)
-    return torch.addcmul(bias, y, a_scale)
 
 
 _COMPILED: dict[str, object] = {}

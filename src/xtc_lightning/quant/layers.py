@@ -13,6 +13,13 @@ dict loads into the plain Hugging Face model with ``strict=True``.
 ``apply.set_quantization_enabled``). While it is off the forward is the plain full
 precision one, but static ranges are still observed in training mode, so they are
 calibrated when quantization starts.
+
+Training forwards of linears with integer-coded weights (binary, ternary, symmetric
+k-bit, scales constant along rows) and dynamic symmetric inputs run through an int8 x int8
+GEMM (``quant/int8.py``: the same codes and scales, summed exactly instead of in fp32;
+the same straight-through gradients). Eval forwards always take the fp32 fake-quant path,
+the reference the packed export reproduces bit for bit. ``int8_training = False`` on a
+layer forces the fp32 path in training too.
 """
 
 from __future__ import annotations
@@ -22,7 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xtc_lightning.quant.config import ActivationSpec, WeightSpec
-from xtc_lightning.quant.quantizers import ema_update, fake_quantize_activation, fake_quantize_weight
+from xtc_lightning.quant.int8 import int8_linear, int8_training_supported, int_mm_usable
+from xtc_lightning.quant.quantizers import (
+    activation_qrange,
+    ema_update,
+    fake_quantize_activation,
+    fake_quantize_weight,
+)
 
 RANGE_BUFFER = "act_range"
 
@@ -44,6 +57,7 @@ class QuantLinear(nn.Linear):
         self.weight_spec = weight
         self.activation_spec = activation
         self.quant_enabled = True
+        self.int8_training = int8_training_supported(weight, activation, linear.out_features)
         if activation.enabled and activation.range == "static":
             nan = torch.full((2,), float("nan"), device=linear.weight.device)
             self.register_buffer(RANGE_BUFFER, nan)
@@ -68,6 +82,10 @@ class QuantLinear(nn.Linear):
             self._observe(x)
         if not self.quant_enabled:
             return F.linear(x, self.weight, self.bias)
+        if self.training and self.int8_training and int_mm_usable(x, self.weight):
+            return int8_linear(
+                x, self.weight, self.bias, self.weight_spec, activation_qrange(self.activation_spec)[1]
+            )
         w = fake_quantize_weight(self.weight, self.weight_spec)
         static = self._static_range(x) if self.has_static_range else None
         x = fake_quantize_activation(x, self.activation_spec, static)

@@ -17,7 +17,7 @@ Weights (one ``WeightSpec``)
     (codes 0, zero point 0): never NaN.
 
     ``fake_quantize_weight(w) == dequantize_weight(weight_codes(w))`` bit for bit: both
-    go through the same float codes (``_float_codes``), so a packed export rebuilt from
+    go through the same float codes (``float_weight_codes``), so a packed export rebuilt from
     the codes reproduces the training-time forward exactly.
 
 Granularity (``WeightSpec.groups``)
@@ -96,7 +96,7 @@ def num_groups(shape: torch.Size | tuple[int, ...], groups: str | int, what: str
     return groups
 
 
-def _float_codes(w: Tensor, spec: WeightSpec) -> tuple[Tensor, Tensor, Tensor | None]:
+def float_weight_codes(w: Tensor, spec: WeightSpec) -> tuple[Tensor, Tensor, Tensor | None]:
     """Integer-valued float codes ``(G, n)``, scale ``(G, 1)``, zero point ``(G, 1)`` or None."""
     wg = w.detach().reshape(num_groups(w.shape, spec.groups), -1)
     if spec.method == "binary":
@@ -137,7 +137,7 @@ def _dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tens
 def weight_codes(w: Tensor, spec: WeightSpec) -> WeightCodes:
     """Integer codes and per-group scale (+ zero point) of ``w`` (no gradient)."""
     with torch.no_grad():
-        codes, scale, zero_point = _float_codes(w, spec)
+        codes, scale, zero_point = float_weight_codes(w, spec)
     int_dtype = torch.uint8 if spec.method == "asymmetric" else torch.int8
     return WeightCodes(
         codes=codes.to(int_dtype).reshape(w.shape),
@@ -159,7 +159,7 @@ def dequantize_weight(wc: WeightCodes) -> Tensor:
 class _WeightSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, spec: WeightSpec) -> Tensor:
-        return _dequantize(*_float_codes(w, spec)).reshape(w.shape)
+        return _dequantize(*float_weight_codes(w, spec)).reshape(w.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
