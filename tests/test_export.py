@@ -124,6 +124,31 @@ def test_float32_export_reloads_bit_exactly(name, tmp_path):
         assert torch.equal(restored.act_range, q.act_range) and not torch.isnan(q.act_range).any()
 
 
+def test_quantized_pooler_is_packed_at_one_bit_and_reloads_bit_exactly(tmp_path):
+    base = tiny_model(None)
+    cfg = QuantConfig.from_dict(
+        {"name": "w1a8-pooler", "weight": {"method": "binary"}, "activation": {"method": "symmetric", "bits": 8},
+         "word_embeddings": True, "pooler": True}
+    )  # fmt: skip
+    sizes = {}
+    for pooler in (False, True):
+        model = tiny_model(None)
+        model.load_state_dict(base.state_dict())
+        apply_quantization(model, cfg if pooler else CONFIGS["w1a8"])
+        path = tmp_path / f"pooler-{pooler}.safetensors"
+        sizes[pooler] = export_packed(model.eval(), path, quant_cfg=cfg if pooler else CONFIGS["w1a8"],
+                                      task="rte", other_dtype="float32")  # fmt: skip
+    loaded = load_packed(path)
+    assert isinstance(loaded.bert.pooler.dense, PackedLinear)
+    assert torch.equal(logits(loaded, batch(1)), logits(model, batch(1)))
+    # the 32x32 pooler weight moves from 4 fp32 bytes per weight to 1 bit per weight + 32 fp32 row scales
+    off, on = sizes[False], sizes[True]
+    assert off.other_bytes - on.other_bytes == 32 * 32 * 4
+    assert on.packed_weight_bytes - off.packed_weight_bytes == 32 * 32 // 8
+    assert on.scale_bytes - off.scale_bytes == 32 * 4
+    assert on.quantized_params - off.quantized_params == 32 * 32
+
+
 def test_requantizing_dequantized_weights_is_not_exact_so_stored_codes_are_used():
     """Why the loaded layers do not re-quantize: mean(|w|) of a dequantized row is off by an ulp."""
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))

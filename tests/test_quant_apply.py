@@ -76,27 +76,50 @@ DISTILBERT_ROLES = {
 
 
 @pytest.mark.parametrize(
-    ("make", "stack", "roles", "layers", "embeddings"),
+    ("make", "stack", "roles", "layers", "embeddings", "pooler"),
     [
-        (bert, "bert.encoder.layer", BERT_ROLES, 2, "bert.embeddings.word_embeddings"),
-        (roberta, "roberta.encoder.layer", BERT_ROLES, 2, "roberta.embeddings.word_embeddings"),
+        (bert, "bert.encoder.layer", BERT_ROLES, 2, "bert.embeddings.word_embeddings", "bert.pooler.dense"),
+        # RobertaForSequenceClassification and DistilBERT have no pooler
+        (roberta, "roberta.encoder.layer", BERT_ROLES, 2, "roberta.embeddings.word_embeddings", None),
         (
             distilbert,
             "distilbert.transformer.layer",
             DISTILBERT_ROLES,
             3,
             "distilbert.embeddings.word_embeddings",
+            None,
         ),
     ],
 )
-def test_finder_finds_the_six_linears_per_layer_and_the_word_embeddings(
-    make, stack, roles, layers, embeddings
+def test_finder_finds_the_six_linears_per_layer_the_word_embeddings_and_the_pooler(
+    make, stack, roles, layers, embeddings, pooler
 ):
     targets = find_quant_targets(make())
-    assert len(targets) == 6 * layers + 1
     expected = [(f"{stack}.{i}.{path}", role, i) for i in range(layers) for role, path in roles.items()]
-    assert [(t.name, t.role, t.layer) for t in targets[:-1]] == expected
-    assert (targets[-1].name, targets[-1].role) == (embeddings, "word_embeddings")
+    expected.append((embeddings, "word_embeddings", None))
+    if pooler:
+        expected.append((pooler, "pooler", None))
+    assert [(t.name, t.role, t.layer) for t in targets] == expected
+
+
+def test_pooler_is_quantized_only_when_asked_and_a_model_without_one_says_so():
+    model = bert()
+    names = apply_quantization(model, load("binary"))
+    assert "bert.pooler.dense" not in names and type(model.bert.pooler.dense) is nn.Linear
+    cfg = QuantConfig.from_dict({**yaml.safe_load((CONF / "binary.yaml").read_text()), "pooler": True})
+    model = bert()
+    names = apply_quantization(model, cfg)
+    assert names[-1] == "bert.pooler.dense" and len(names) == 14
+    assert (
+        isinstance(model.bert.pooler.dense, QuantLinear) and model.bert.pooler.dense.weight_spec == cfg.weight
+    )
+    assert type(model.classifier) is nn.Linear
+    with pytest.raises(
+        UserError, match=r"quant.pooler=true but DistilBertForSequenceClassification has no pooler"
+    ):
+        apply_quantization(distilbert(), cfg)
+    with pytest.raises(UserError, match=r"quant.pooler=true needs a weight method"):
+        QuantConfig.from_dict({"activation": {"method": "symmetric", "bits": 8}, "pooler": True})
 
 
 def test_finder_uses_order_not_shapes_when_the_ffn_is_square():

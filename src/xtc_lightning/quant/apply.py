@@ -12,8 +12,10 @@ each encoder layer (``models.encoder_layers``) the ``nn.Linear`` modules, in mod
 This holds for BERT, RoBERTa and MiniLM (``attention.self.query`` ...
 ``output.dense``) and DistilBERT (``attention.q_lin`` ... ``ffn.lin2``). Anything else
 (another linear count, other shapes) is a ``UserError`` listing what was found. The word
-embeddings are ``model.get_input_embeddings()``. Position / token-type embeddings,
-LayerNorms, the pooler and the classifier are never touched.
+embeddings are ``model.get_input_embeddings()``. The pooler (``quant.pooler``, off by
+default as in XTC) is the single hidden -> hidden linear of ``base_model.pooler`` (BERT,
+RoBERTa and MiniLM have one; DistilBERT has none). Position / token-type embeddings,
+LayerNorms and the classifier are never touched.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from xtc_lightning.quant.layers import QUANT_MODULES, QuantEmbedding, QuantLinea
 from xtc_lightning.quant.quantizers import num_groups
 
 WORD_EMBEDDINGS = "word_embeddings"
+POOLER = "pooler"
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,8 @@ class QuantTarget:
 
 
 def find_quant_targets(model: nn.Module) -> list[QuantTarget]:
-    """The six linears of every encoder layer (roles = ``config.TARGETS``) and the word embeddings."""
+    """The six linears of every encoder layer (roles = ``config.TARGETS``), the word embeddings
+    and, when the model has one, the pooler's linear."""
     if not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
         raise UserError(
             f"cannot quantize {type(model).__name__}: not a Hugging Face encoder model (no .config)"
@@ -62,7 +66,21 @@ def find_quant_targets(model: nn.Module) -> list[QuantTarget]:
             f"get_input_embeddings() returned {type(embeddings).__name__}, not nn.Embedding"
         )
     targets.append(QuantTarget(_qualified_name(model, embeddings), WORD_EMBEDDINGS, None, embeddings))
+    pooler = _pooler_linear(model)
+    if pooler is not None:
+        targets.append(QuantTarget(_qualified_name(model, pooler), POOLER, None, pooler))
     return targets
+
+
+def _pooler_linear(model: nn.Module) -> nn.Linear | None:
+    """The one hidden -> hidden linear of ``base_model.pooler``, or None (no pooler, or another shape)."""
+    pooler = getattr(getattr(model, "base_model", model), "pooler", None)
+    if not isinstance(pooler, nn.Module):
+        return None
+    linears = [m for m in pooler.modules() if isinstance(m, nn.Linear)]
+    if len(linears) != 1 or linears[0].in_features != linears[0].out_features:
+        return None
+    return linears[0]
 
 
 def _layer_linears(layer: nn.Module, where: str) -> list[tuple[str, nn.Linear]]:
@@ -112,10 +130,18 @@ def apply_quantization(model: nn.Module, cfg: QuantConfig) -> list[str]:
     """
     if not cfg.enabled:
         return []
+    targets = find_quant_targets(model)
+    if cfg.pooler and not any(t.role == POOLER for t in targets):
+        raise UserError(
+            f"quant.pooler=true but {type(model).__name__} has no pooler with one hidden -> hidden linear "
+            f"(base_model.pooler); set quant.pooler=false"
+        )
     chosen = [
         t
-        for t in find_quant_targets(model)
-        if t.role in cfg.targets or (t.role == WORD_EMBEDDINGS and cfg.word_embeddings)
+        for t in targets
+        if t.role in cfg.targets
+        or (t.role == WORD_EMBEDDINGS and cfg.word_embeddings)
+        or (t.role == POOLER and cfg.pooler)
     ]
     if cfg.weight.enabled:  # check every group count before changing anything
         for t in chosen:

@@ -81,6 +81,7 @@ class QuantConfig:
     activation: ActivationSpec = field(default_factory=ActivationSpec)
     targets: tuple[str, ...] = TARGETS
     word_embeddings: bool = False
+    pooler: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -103,11 +104,16 @@ class QuantConfig:
             activation=_activation_spec(_mapping(d.get("activation", {}), "quant.activation")),
             targets=_targets(d.get("targets", list(TARGETS))),
             word_embeddings=_bool(d.get("word_embeddings", cls.word_embeddings), "quant.word_embeddings"),
+            pooler=_bool(d.get("pooler", cls.pooler), "quant.pooler"),
         )
         if cfg.word_embeddings and not cfg.weight.enabled:
             raise UserError(
                 "quant.word_embeddings=true needs a weight method (quant.weight.method is none); "
                 "set quant.word_embeddings=false"
+            )
+        if cfg.pooler and not cfg.weight.enabled:
+            raise UserError(
+                "quant.pooler=true needs a weight method (quant.weight.method is none); set quant.pooler=false"
             )
         return cfg
 
