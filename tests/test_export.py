@@ -529,6 +529,13 @@ def test_export_run_float16_and_evaluate_cli(finished_run, glue_dir, capsys):
     assert json.loads((finished_run / "e.json").read_text())["score"] == summary["dev"]["score"]
     direct = evaluate_packed(summary["packed"], glue_dir, "dev")
     assert direct["score"] == summary["dev"]["score"] and direct["max_length"] == 64
+    # the fast int8 runtime on the same 277 RTE dev rows: the same predictions as the reference
+    evaluate_main(
+        [summary["packed"], "--data-dir", str(glue_dir), "--runtime", "--json", str(finished_run / "r.json")]
+    )
+    fast = json.loads((finished_run / "r.json").read_text())
+    assert fast["model"] == "int8 runtime" and fast["examples"] == {"dev": 277}
+    assert fast["score"] == direct["score"]
 
 
 def test_export_run_refuses_bad_run_folders(tmp_path, finished_run):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -110,7 +112,7 @@ def test_unsupported_layers_fall_back_unchanged(spec, act):
     with torch.inference_mode():
         before = model(x)
         optimize_for_inference(model)
-        assert model[0] is layer and model.int8_summary == {"int8": [], "fallback": ["0"]}
+        assert model[0] is layer and model.int8_summary == {"int8": [], "fallback": ["0"], "unpadded": False}
         assert torch.equal(model(x), before)
 
 
@@ -182,9 +184,57 @@ def test_fallback_layer_in_a_model_is_exact(tmp_path):
     path = tmp_path / "m.safetensors"
     export_packed(tiny_bert(cfg), path, quant_cfg=cfg, task="rte", other_dtype="float32")
     reference = load_packed(path)
-    fast = load_runtime(path, attn_implementation="eager")
-    assert fast.int8_summary == {"int8": [], "fallback": fast.int8_summary["fallback"]}
+    fast = load_runtime(path, attn_implementation="eager", unpad=False)
+    assert fast.int8_summary == {"int8": [], "fallback": fast.int8_summary["fallback"], "unpadded": False}
     assert len(fast.int8_summary["fallback"]) == 8
     with torch.inference_mode():
         x = inputs(4, 12, 3)
         assert torch.equal(fast(**x).logits, reference(**x).logits)
+
+
+def packed_w1a8(tmp_path) -> Path:
+    cfg = QuantConfig.from_dict(
+        {
+            "name": "w1a8",
+            "weight": {"method": "binary", "bits": 1},
+            "activation": {"method": "symmetric", "bits": 8},
+            "word_embeddings": True,
+        }
+    )
+    path = tmp_path / "m.safetensors"
+    export_packed(tiny_bert(cfg), path, quant_cfg=cfg, task="mnli", other_dtype="float32")
+    return path
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_unpadded_forward_equals_the_padded_one_and_runs_only_real_tokens(attn, tmp_path):
+    path = packed_w1a8(tmp_path)
+    padded = load_runtime(path, attn_implementation=attn, compile=False, unpad=False)
+    fast = load_runtime(path, attn_implementation=attn, compile=False)
+    assert fast.int8_summary["unpadded"] and not padded.int8_summary["unpadded"]
+    rows = []
+    fast.bert.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda m, args, out: rows.append(args[0].shape)
+    )
+    with torch.inference_mode():
+        for n, length, seed in ((1, 9, 0), (33, 17, 1), (8, 64, 2)):
+            x = inputs(n, length, seed)
+            x["token_type_ids"] = (torch.arange(length) >= length // 2).long().expand(n, -1).clone()
+            ref, out = padded(**x).logits, fast(**x).logits
+            close(out, ref)
+            assert torch.equal(out.argmax(-1), ref.argmax(-1))
+            assert rows[-1] == (1, int(x["attention_mask"].sum()), 40)  # the packed real tokens only
+
+
+def test_unpadded_forward_ignores_trailing_padding_and_falls_back_for_left_padding(tmp_path):
+    path = packed_w1a8(tmp_path)
+    fast = load_runtime(path, compile=False)
+    padded = load_runtime(path, compile=False, unpad=False)
+    x = inputs(6, 12, 4)
+    wide = {k: torch.cat([v, torch.zeros(6, 30, dtype=v.dtype)], dim=1) for k, v in x.items()}
+    with torch.inference_mode():
+        assert torch.equal(fast(**x).logits, fast(**wide).logits)  # the same computation, bit for bit
+        # left padding: the pooler's first token is a pad, so the model's own forward runs
+        left = {k: v.flip(1) for k, v in x.items()}
+        assert torch.equal(fast(**left).logits, padded(**left).logits)
+        assert torch.equal(fast(input_ids=x["input_ids"]).logits, padded(input_ids=x["input_ids"]).logits)

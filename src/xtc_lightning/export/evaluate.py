@@ -3,7 +3,9 @@
 The model, the task, the tokenizer (``<name>.tokenizer/`` beside the file) and the
 tokenization length and batch size of the run all come from the packed file, so the
 metrics reproduce the run's: same data module, same length-sorted batches, same
-``compute_metrics``.
+``compute_metrics``. ``runtime=True`` (``--runtime``) evaluates the fast int8 CPU runtime
+(``load_runtime``: integer GEMMs, padding skipped) instead of the exact fake-quant model,
+to check that the deployed model keeps the run's score.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def evaluate_packed(
     *,
     max_length: int | None = None,
     batch_size: int | None = None,
+    runtime: bool = False,
 ) -> dict:
     """Dev metrics of a packed file: ``{"task", "splits": {split: metrics}, "score", "examples"}``.
 
@@ -100,7 +103,12 @@ def evaluate_packed(
     batch_size = batch_size or data.get("eval_batch_size") or 64
     if max_length < 1 or batch_size < 1:
         raise UserError(f"max_length={max_length} and batch_size={batch_size} must be positive")
-    model = load_packed(path)
+    if runtime:
+        from xtc_lightning.export.runtime import load_runtime
+
+        model = load_runtime(path)
+    else:
+        model = load_packed(path)
     dm = dev_data(task, load_packed_tokenizer(path), glue_dir, max_length, batch_size)
     predictions = predict(model, task, dm)
     if split is not None:
@@ -115,6 +123,7 @@ def evaluate_packed(
         "examples": {s: len(p[0]) for s, p in predictions.items()},
         "max_length": max_length,
         "batch_size": batch_size,
+        "model": "int8 runtime" if runtime else "packed (fake-quant reference)",
     }
 
 
@@ -132,6 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=None, help="default: the run's")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval batch size")
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--runtime",
+        action="store_true",
+        help="evaluate the fast int8 CPU runtime instead of the exact reference",
+    )
     parser.add_argument("--json", default=None, help="also write the result as JSON to this path")
     args = parser.parse_args(argv)
     try:
@@ -143,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             args.split,
             max_length=args.max_length,
             batch_size=args.batch_size,
+            runtime=args.runtime,
         )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

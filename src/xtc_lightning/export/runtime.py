@@ -10,6 +10,16 @@ rounding. Weight codes: binary {-1, +1}, ternary {-1, 0, 1}, symmetric k-bit, an
 asymmetric k <= 7 bits (``code - zero_point`` still fits int8) are all stored as one
 int8 matrix built once at load.
 
+Padding is skipped (``unpad=True``, BERT-style classifiers: ``base_model`` with
+``embeddings``, ``encoder`` and ``pooler``, a ``dropout`` + ``classifier`` head): the real
+tokens of a right-padded batch run through the encoder as one packed sequence, so every
+linear, LayerNorm and GELU touches only real tokens; attention alone scatters them back
+to a ``(batch, heads, longest, head dim)`` grid masked to each sentence. Every per-token
+operation is unchanged (activation scales are per token, so the codes are identical) and
+the pooler reads each sentence's first token, as the padded model does. GLUE dev batches
+padded to 128 hold ~20% real tokens on SST-2. Batches whose first column is padding (left
+padding), ``inputs_embeds`` or extra outputs take the model's own (padded) forward.
+
 Not supported (the layer is left as it is, i.e. the exact fp32 dequantized fallback):
 groups that split a row (N not dividing ``out_features``: it would need per-group
 partial sums), asymmetric activations, 8-bit asymmetric weights, unquantized weights,
@@ -27,7 +37,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from xtc_lightning.quant import QuantLinear, WeightCodes, weight_codes
 from xtc_lightning.quant.int8 import INT8_MAX, quantize_per_token, rescale
@@ -164,11 +177,130 @@ class Int8Linear(nn.Module):
         )
 
 
+UNPADDED_ATTENTION = "xtc_unpadded"
+
+
+def unpadded_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """Attention of packed tokens ``(1, heads, N, d)``: scattered to a padded grid, attended per sentence.
+
+    ``kwargs["xtc_unpad"]`` (set by ``UnpaddedForward``) holds the token positions in the
+    ``(batch, longest)`` grid, the key mask and whether to use sdpa or the eager formula.
+    """
+    grid: _PaddingGrid = kwargs["xtc_unpad"]
+    heads, dim = query.shape[1], query.shape[3]
+
+    def to_grid(x: Tensor) -> Tensor:
+        out = x.new_zeros(grid.batch * grid.length, heads, dim)
+        out.index_copy_(0, grid.index, x[0].transpose(0, 1))
+        return out.view(grid.batch, grid.length, heads, dim).transpose(1, 2)
+
+    q, k, v = to_grid(query), to_grid(key), to_grid(value)
+    if grid.sdpa:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=grid.key_mask, scale=scaling)
+    else:  # transformers' eager formula: additive mask, softmax, weighted sum
+        scale = dim**-0.5 if scaling is None else scaling
+        scores = torch.matmul(q, k.transpose(2, 3)) * scale
+        scores = scores.masked_fill(~grid.key_mask, torch.finfo(scores.dtype).min)
+        out = torch.matmul(F.softmax(scores, dim=-1), v)
+    out = out.transpose(1, 2).reshape(grid.batch * grid.length, heads, dim).index_select(0, grid.index)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(UNPADDED_ATTENTION, unpadded_attention)
+
+
+class _PaddingGrid:
+    """Where the real tokens of a right-padded batch sit: ``index`` into the flattened ``(batch, length)`` grid."""
+
+    def __init__(self, attention_mask: Tensor, sdpa: bool):
+        real = attention_mask.bool()
+        self.batch = real.shape[0]
+        self.length = int(real.any(0).nonzero().max()) + 1  # up to the last column holding a real token
+        real = real[:, : self.length]
+        self.real = real
+        self.index = real.reshape(-1).nonzero().squeeze(1)
+        self.key_mask = real[:, None, None, :]
+        counts = real.sum(1)
+        self.first = torch.cumsum(counts, 0) - counts  # each sentence's first token in the packed order
+        self.sdpa = sdpa
+
+    def pack(self, t: Tensor) -> Tensor:
+        """``(batch, T)`` -> the real tokens as ``(1, N)``."""
+        return t[:, : self.length].reshape(-1).index_select(0, self.index).unsqueeze(0)
+
+
+class UnpaddedForward:
+    """A BERT-style classifier's forward over the real tokens only (installed as ``model.forward``)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        base = getattr(model, "base_model", None)
+        return (
+            base is not None
+            and base is not model
+            and all(
+                isinstance(getattr(base, n, None), nn.Module) for n in ("embeddings", "encoder", "pooler")
+            )
+            and isinstance(getattr(model, "classifier", None), nn.Module)
+            and isinstance(getattr(model, "dropout", None), nn.Module)
+        )
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        usable = (
+            input_ids is not None
+            and attention_mask is not None
+            and not kwargs
+            and bool(attention_mask[:, 0].all())  # right padding: the pooler's first token is real
+            and not self.model.training
+        )
+        if not usable:  # the class's own (padded) forward
+            return type(self.model).forward(
+                self.model,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                **kwargs,
+            )
+        model, base = self.model, self.model.base_model
+        config = model.config
+        grid = _PaddingGrid(attention_mask, sdpa=config._attn_implementation != "eager")
+        positions = torch.arange(grid.length, device=input_ids.device).expand(grid.batch, -1)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        hidden = base.embeddings(
+            input_ids=grid.pack(input_ids),
+            token_type_ids=grid.pack(token_type_ids),
+            position_ids=grid.pack(positions),
+        )
+        chosen = config._attn_implementation
+        config._attn_implementation = UNPADDED_ATTENTION
+        try:
+            hidden = base.encoder(hidden, xtc_unpad=grid).last_hidden_state
+        finally:
+            config._attn_implementation = chosen
+        first = hidden[0].index_select(0, grid.first).unsqueeze(1)  # (batch, 1, hidden)
+        logits = model.classifier(model.dropout(base.pooler(first)))
+        return SequenceClassifierOutput(logits=logits)
+
+
 def optimize_for_inference(
     model: nn.Module,
     attn_implementation: str | None = "sdpa",
     compile: bool = True,
     share_inputs: bool = True,
+    unpad: bool = True,
 ) -> nn.Module:
     """Swap every supported quantized linear for an ``Int8Linear`` (in place); returns ``model`` in eval mode.
 
@@ -179,8 +311,9 @@ def optimize_for_inference(
     activation quantizer and the int32 -> fp32 rescale as ``torch.compile``'d fused
     kernels (first call compiles, ~20 s; falls back to eager ops if compiling fails).
     ``share_inputs`` lets the linears of one parent module (query / key / value) quantize
-    their common input once. ``model.int8_summary`` records
-    ``{"int8": [...names], "fallback": [...names]}``.
+    their common input once. ``unpad`` installs ``UnpaddedForward`` (BERT-style
+    classifiers; see the module docstring). ``model.int8_summary`` records
+    ``{"int8": [...names], "fallback": [...names], "unpadded": bool}``.
     """
     use_compile = compile and _can_compile()
     fast, fallback = [], []
@@ -201,7 +334,10 @@ def optimize_for_inference(
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if attn_implementation is not None and current is not None and current != attn_implementation:
         model.set_attn_implementation(attn_implementation)
-    model.int8_summary = {"int8": fast, "fallback": fallback}
+    unpadded = unpad and UnpaddedForward.supports(model)
+    if unpadded and not isinstance(model.forward, UnpaddedForward):
+        model.forward = UnpaddedForward(model)
+    model.int8_summary = {"int8": fast, "fallback": fallback, "unpadded": unpadded}
     return model.eval()
 
 
@@ -220,9 +356,11 @@ def _can_compile() -> bool:
 
 
 def load_runtime(
-    path: str | Path, attn_implementation: str | None = "sdpa", compile: bool = True
+    path: str | Path, attn_implementation: str | None = "sdpa", compile: bool = True, unpad: bool = True
 ) -> nn.Module:
     """``optimize_for_inference(load_packed(path))``: the fast CPU model of a packed file."""
     from xtc_lightning.export.packed import load_packed
 
-    return optimize_for_inference(load_packed(path), attn_implementation=attn_implementation, compile=compile)
+    return optimize_for_inference(
+        load_packed(path), attn_implementation=attn_implementation, compile=compile, unpad=unpad
+    )
