@@ -63,23 +63,32 @@ def test_compiled_quantizer_gives_the_eager_codes():
             assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
 
 
-def test_shared_input_is_quantized_once_and_gives_the_same_outputs():
+def test_siblings_run_as_one_gemm_with_bit_identical_outputs():
     layers = nn.ModuleDict(
-        {k: quant_linear(WEIGHTS["binary"], A8, 16, 8, seed=i) for i, k in enumerate("qkv")}
+        {
+            k: quant_linear(WEIGHTS["binary"], A8, 16, n, seed=i)
+            for i, (k, n) in enumerate(zip("qkv", (8, 8, 12), strict=True))
+        }
     )
     parent = nn.Sequential(layers)
     ref = {k: m for k, m in layers.items()}
     x = torch.randn(2, 5, 16)
     with torch.inference_mode():
         expected = {k: m(x) for k, m in ref.items()}
+        separate = {k: Int8Linear.from_quant_linear(m)(x) for k, m in ref.items()}
         optimize_for_inference(parent, compile=False)
         fast = parent[0]
-        assert fast["q"].input_cache is fast["k"].input_cache is fast["v"].input_cache
+        group = fast["q"].siblings
+        assert group is fast["k"].siblings is fast["v"].siblings and group.weight_int8.shape == (28, 16)
+        assert [fast[k].columns for k in "qkv"] == [slice(0, 8), slice(8, 16), slice(16, 28)]
         for k in "qkv":
-            close(fast[k](x), expected[k])
-        assert fast["q"].input_cache.x is x
-        y = torch.randn(2, 5, 16)  # a new tensor is quantized again
-        close(fast["k"](y), ref["k"](y))
+            out = fast[k](x)
+            assert torch.equal(out, separate[k])  # exact int32 sums, elementwise rescale: same bits
+            close(out, expected[k])
+        assert group.x is x
+        y = torch.randn(2, 5, 16)  # a new tensor is computed again
+        assert torch.equal(fast["k"](y), Int8Linear.from_quant_linear(ref["k"])(y))
+        assert group.x is y
 
 
 def test_int8_linear_act4_and_static_range():

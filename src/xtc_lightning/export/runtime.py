@@ -80,19 +80,6 @@ def _compiled(name: str):
     return fn
 
 
-class InputCache:
-    """The last input a group of linears quantized (query, key and value read the same tensor).
-
-    Reused only for the very same tensor object (``is``; the cache holds a reference, so
-    its id cannot be recycled) and the same activation quantizer.
-    """
-
-    __slots__ = ("x", "key", "codes", "scale")
-
-    def __init__(self):
-        self.x = self.key = self.codes = self.scale = None
-
-
 class Int8Linear(nn.Module):
     """A quantized linear as an int8 x int8 -> int32 GEMM (same output as the fake-quant layer).
 
@@ -117,7 +104,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("act_scale", act_scale)
         self.act_qmax = act_qmax
         self.compiled = False  # use the torch.compile'd (fused) quantize / rescale kernels
-        self.input_cache: InputCache | None = None  # shared with sibling linears reading the same input
+        self.siblings: FusedSiblings | None = None  # computed in one GEMM with its siblings
+        self.columns = slice(None)  # this layer's output columns in the siblings' GEMM
 
     @classmethod
     def from_quant_linear(cls, layer: QuantLinear) -> Int8Linear | None:
@@ -145,29 +133,26 @@ class Int8Linear(nn.Module):
 
     def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """int8 codes ``(M, K)`` and scale ``(M, 1)`` or ``()``, as ``fake_quantize_activation`` computes them."""
-        cache = self.input_cache
-        key = (self.act_qmax, None if self.act_scale is None else float(self.act_scale))
-        if cache is not None and cache.x is x and cache.key == key:
-            return cache.codes, cache.scale
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
         if self.act_scale is None:
             fn = _compiled("quantize") if self.compiled else quantize_per_token
-            codes, scale = fn(x2, self.act_qmax)
-        else:
-            codes, scale = quantize_static(x2, self.act_scale, self.act_qmax)
-        if cache is not None:
-            cache.x, cache.key, cache.codes, cache.scale = x, key, codes, scale
-        return codes, scale
+            return fn(x2, self.act_qmax)
+        return quantize_static(x2, self.act_scale, self.act_qmax)
+
+    def matmul(self, x: Tensor, weight_int8: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+        """Quantize ``x`` and multiply by int8 ``weight_int8`` (N, K): ``(..., N)`` in ``x``'s dtype."""
+        codes, a_scale = self.quantize_input(x)
+        acc = torch._int_mm(codes, weight_int8.t())  # (M, N) int32, exact
+        fn = _compiled("rescale") if self.compiled else rescale
+        y = fn(acc, weight_scale, a_scale, bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], weight_int8.shape[0])
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        codes, a_scale = self.quantize_input(x)
-        acc = torch._int_mm(codes, self.weight_int8.t())  # (M, N) int32, exact
-        fn = _compiled("rescale") if self.compiled else rescale
-        y = fn(acc, self.weight_scale, a_scale, self.bias)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if self.siblings is not None:
+            return self.siblings.output(x)[..., self.columns]
+        return self.matmul(x, self.weight_int8, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         act = "dynamic per-token" if self.act_scale is None else "static"
@@ -295,11 +280,46 @@ class UnpaddedForward:
         return SequenceClassifierOutput(logits=logits)
 
 
+class FusedSiblings:
+    """Int8 linears of one parent reading the same input (query, key, value) as one GEMM.
+
+    The first call with a new input tensor computes every sibling's output at once (one
+    activation quantization, one int8 GEMM over the concatenated weight codes, one
+    rescale); each sibling returns its columns. Integer sums are exact and the rescale is
+    elementwise, so the outputs are bit-identical to separate GEMMs. The result is reused
+    only for the very same input tensor object (``is``; the reference it holds keeps the id
+    from being recycled).
+    """
+
+    def __init__(self, members: list[Int8Linear]):
+        self.lead = members[0]
+        self.weight_int8 = torch.cat([m.weight_int8 for m in members])
+        self.weight_scale = torch.cat([m.weight_scale for m in members])
+        self.bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
+        start = 0
+        for m in members:
+            m.siblings, m.columns = self, slice(start, start + m.out_features)
+            start += m.out_features
+        self.x = self.y = None
+
+    @staticmethod
+    def key(m: Int8Linear) -> tuple:
+        """Linears with equal keys can share a GEMM: same input width, input quantizer and bias presence."""
+        scale = None if m.act_scale is None else float(m.act_scale)
+        return (m.in_features, m.act_qmax, scale, m.bias is None)
+
+    def output(self, x: Tensor) -> Tensor:
+        if self.x is not x:
+            self.y = self.lead.matmul(x, self.weight_int8, self.weight_scale, self.bias)
+            self.x = x
+        return self.y
+
+
 def optimize_for_inference(
     model: nn.Module,
     attn_implementation: str | None = "sdpa",
     compile: bool = True,
-    share_inputs: bool = True,
+    fuse_siblings: bool = True,
     unpad: bool = True,
 ) -> nn.Module:
     """Swap every supported quantized linear for an ``Int8Linear`` (in place); returns ``model`` in eval mode.
@@ -310,14 +330,14 @@ def optimize_for_inference(
     gives the same logits up to float rounding and is faster. ``compile`` runs the
     activation quantizer and the int32 -> fp32 rescale as ``torch.compile``'d fused
     kernels (first call compiles, ~20 s; falls back to eager ops if compiling fails).
-    ``share_inputs`` lets the linears of one parent module (query / key / value) quantize
-    their common input once. ``unpad`` installs ``UnpaddedForward`` (BERT-style
+    ``fuse_siblings`` runs the int8 linears of one parent module that read the same input
+    (query / key / value) as one GEMM (``FusedSiblings``). ``unpad`` installs ``UnpaddedForward`` (BERT-style
     classifiers; see the module docstring). ``model.int8_summary`` records
     ``{"int8": [...names], "fallback": [...names], "unpadded": bool}``.
     """
     use_compile = compile and _can_compile()
     fast, fallback = [], []
-    caches: dict[str, InputCache] = {}
+    groups: dict[tuple, list[Int8Linear]] = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, QuantLinear):
             continue
@@ -327,10 +347,13 @@ def optimize_for_inference(
             continue
         parent, _, child = name.rpartition(".")
         new.compiled = use_compile
-        if share_inputs:
-            new.input_cache = caches.setdefault(parent, InputCache())
+        groups.setdefault((parent, *FusedSiblings.key(new)), []).append(new)
         setattr(model.get_submodule(parent), child, new)
         fast.append(name)
+    if fuse_siblings:
+        for members in groups.values():
+            if len(members) > 1:
+                FusedSiblings(members)
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if attn_implementation is not None and current is not None and current != attn_implementation:
         model.set_attn_implementation(attn_implementation)
