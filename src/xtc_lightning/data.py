@@ -277,7 +277,8 @@ class GlueDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.cache_dir = cache_dir
         self.seed = seed
-        # Hook for an augmented training set: when given, it replaces the task's train split.
+        # The training examples: when not given, the task's train split (``max_train_examples`` of
+        # it); ``use_train_examples`` replaces them (the distillation stages' augmented set).
         self.train_examples = train_examples
         self.collate = PadCollator(tokenizer.pad_token_id or 0)
         self.train_set: TokenizedSplit | None = None
@@ -302,13 +303,18 @@ class GlueDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
-            examples = self.train_examples if self.train_examples is not None else self.read("train")
-            examples = subsample(examples, self.max_train_examples, self.seed)
-            self.train_fingerprint = examples.source_hash
-            self.train_set = self._tokenized(examples, "train")
+            if self.train_examples is None:
+                self.train_examples = subsample(self.read("train"), self.max_train_examples, self.seed)
+            self.train_fingerprint = self.train_examples.source_hash
+            self.train_set = self._tokenized(self.train_examples, "train")
         for split in self.task.dev_splits:
             if split not in self.dev_sets:
                 self.dev_sets[split] = sort_by_length(self._tokenized(self.read(split), split))
+
+    def use_train_examples(self, examples: Examples) -> None:
+        """Train on ``examples`` from now on (as given: not subsampled); the dev sets stay as they are."""
+        self.train_examples, self.train_set = examples, None
+        self.setup("fit")
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
