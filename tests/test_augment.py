@@ -225,6 +225,16 @@ def test_bad_settings_fail_in_one_line(change, message):
         config(**change)
 
 
+def test_a_masked_lm_that_cannot_load_fails_before_any_work(tmp_path, glue_dir, tiny_bert_dir):
+    args = [
+        "task=rte", f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", f"data.dir={glue_dir}",
+        f"paths.root_dir={tmp_path}", "augment=mlm", f"augment.mlm_model={tmp_path / 'no_such_mlm'}",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match=r"cannot load the masked LM augment.mlm_model='.*no_such_mlm'"):
+        pipeline.run(compose_job_config(args, tmp_path / "run")[0])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
 def test_paper_presets_augment_only_the_small_tasks(tmp_path):
     cfg, choices = compose_job_config(["experiment=xtc_l6_w1a8"], tmp_path)
     from omegaconf import OmegaConf

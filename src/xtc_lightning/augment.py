@@ -278,15 +278,9 @@ class MaskedLMCandidates:
 
     @classmethod
     def load(cls, name: str, top_k: int) -> MaskedLMCandidates:
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        from transformers import AutoModelForMaskedLM
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForMaskedLM.from_pretrained(name)
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"cannot load the masked LM augment.mlm_model='{name}': {first}") from None
-        return cls(model, tokenizer, top_k, name)
+        return cls(_load_mlm_part(AutoModelForMaskedLM, name), _load_mlm_part(None, name), top_k, name)
 
     def _ids(self, text: str) -> list[int]:
         if text not in self._pieces:
@@ -362,6 +356,25 @@ class MaskedLMCandidates:
             for b, (i, j, _, _) in enumerate(batch):
                 result[i][j] = top[b]
         return result
+
+
+def _load_mlm_part(factory, name: str):
+    """``factory.from_pretrained(name)`` (the tokenizer when ``factory`` is None); errors in one line."""
+    from transformers import AutoTokenizer
+
+    try:
+        return (factory or AutoTokenizer).from_pretrained(name)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load the masked LM augment.mlm_model='{name}': {first}") from None
+
+
+def check_masked_lm(name: str) -> None:
+    """Fail now, in one line, if the MLM's config or tokenizer cannot be loaded (a typo, offline hub)."""
+    from transformers import AutoConfig
+
+    _load_mlm_part(AutoConfig, name)
+    _load_mlm_part(None, name)
 
 
 # --------------------------------------------------------------------------- generation

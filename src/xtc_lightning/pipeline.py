@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
-from xtc_lightning.augment import AugmentConfig, augment_train_set
+from xtc_lightning.augment import AugmentConfig, augment_train_set, check_masked_lm
 from xtc_lightning.callbacks import PlainProgress, want_progress_bar
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.distill import check_distill_config, enable_attention_scores
@@ -374,8 +374,8 @@ def run(cfg: DictConfig) -> dict:
     check_distill_config(OmegaConf.to_container(cfg.distill, resolve=True))
     check_model_source(cfg.model.name_or_path)
     augment = AugmentConfig.from_dict(OmegaConf.to_container(cfg.augment, resolve=True))
-    if augment.method == "mlm" and augment.applies_to(task.name):
-        check_model_source(augment.mlm_model)
+    if augment.method == "mlm" and augment.applies_to(task.name) and cfg.stage != "teacher":
+        check_masked_lm(augment.mlm_model)  # now, not after an hour of teacher training
     if cfg.export.other_dtype not in STORED_DTYPES:
         raise UserError(
             f"export.other_dtype '{cfg.export.other_dtype}' is not accepted; choose one of: {', '.join(STORED_DTYPES)}"
