@@ -110,3 +110,19 @@ def compose_job_config(overrides: list[str], output_dir: Path):
     plain = OmegaConf.to_container(cfg, resolve=False)
     choices = plain.pop("hydra")["runtime"]["choices"]
     return OmegaConf.create(plain), choices
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A random 2-layer BertForMaskedLM with the MiniLM tokenizer: the MLM augmentation's mechanics."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    path = tmp_path_factory.mktemp("tiny_mlm")
+    BertForMaskedLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(path)
+    return path

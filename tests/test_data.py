@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from xtc_lightning.data import GlueDataModule, load_tokenized, read_local_split, subsample
+from xtc_lightning.data import GlueDataModule, load_tokenized, read_local_split, subsample, tokenize
 from xtc_lightning.errors import UserError
 from xtc_lightning.tasks import TASKS, get_task
 
@@ -112,6 +112,17 @@ def test_tokenization_cache_is_reused_and_keyed(glue_dir, tokenizer, tmp_path, m
     load_tokenized(ex, tokenizer, 32, tmp_path, "rte-dev")  # another max length: another entry
     assert len(list(tmp_path.glob("*.npz"))) == 2
     assert max(first.length(i) for i in range(len(first))) == 64
+
+
+def test_tokenizing_in_chunks_gives_the_same_arrays(glue_dir, tokenizer, monkeypatch):
+    ex = subsample(read_local_split(get_task("mrpc"), glue_dir, "train"), 50, 0)
+    whole = tokenize(ex, tokenizer, 64)
+    monkeypatch.setattr("xtc_lightning.data.TOKENIZE_CHUNK", 7)
+    chunked = tokenize(ex, tokenizer, 64)
+    assert set(whole) == set(chunked) == {"input_ids", "token_type_ids", "offsets", "labels", "index"}
+    for name, array in whole.items():
+        assert np.array_equal(array, chunked[name]) and array.dtype == chunked[name].dtype, name
+    assert len(whole["offsets"]) == 51 and whole["offsets"][-1] == len(whole["input_ids"])
 
 
 def test_datamodule_batches(glue_dir, tokenizer, tmp_path):

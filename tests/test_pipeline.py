@@ -67,7 +67,9 @@ def test_full_pipeline_tiny_bert(tmp_path, glue_dir, tiny_bert_dir):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_preset_runs_with_fast_dev_run(experiment, tmp_path, glue_dir, tiny_bert12_dir):
+def test_every_experiment_preset_runs_with_fast_dev_run(
+    experiment, tmp_path, glue_dir, tiny_bert12_dir, tiny_mlm_dir
+):
     overrides = [
         f"experiment={experiment}",
         "debug=fast",
@@ -78,6 +80,8 @@ def test_every_experiment_preset_runs_with_fast_dev_run(experiment, tmp_path, gl
         overrides += [
             "task=rte", f"model.name_or_path={tiny_bert12_dir}", "trainer.accelerator=cpu",
             "trainer.precision=32-true", "data.num_workers=0",
+            # their RTE augmentation with a tiny local MLM instead of BERT-base from the hub
+            f"augment.mlm_model={tiny_mlm_dir}", "data.max_train_examples=16",
         ]  # fmt: skip
     cfg, _ = compose_job_config(overrides, tmp_path / "run")
     results = pipeline.run(cfg)
@@ -86,6 +90,10 @@ def test_every_experiment_preset_runs_with_fast_dev_run(experiment, tmp_path, gl
     assert ("reduce" in results["stages"]) == wants_reduce
     assert ("quantize" in results["stages"]) == (cfg.quant.weight.method != "none")
     assert (tmp_path / "run" / "results.json").is_file()
+    if experiment == "quickstart":
+        assert results["augment"] is None
+    else:  # every paper row distils, on an augmented set for RTE
+        assert results["augment"]["method"] == "mlm" and results["augment"]["new_examples"] > 0
 
 
 def test_teacher_stays_frozen_and_out_of_checkpoints(tmp_path, glue_dir, tiny_bert_dir):

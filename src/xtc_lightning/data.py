@@ -27,6 +27,7 @@ from xtc_lightning.tasks import GlueTask, parse_label
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = "1"
+TOKENIZE_CHUNK = 20_000  # examples per tokenizer call
 
 
 @dataclass
@@ -155,21 +156,31 @@ class TokenizedSplit(Dataset):
 
 
 def tokenize(examples: Examples, tokenizer, max_length: int) -> dict[str, np.ndarray]:
-    columns = list(zip(*examples.texts, strict=True))
-    enc = tokenizer(*columns, truncation=True, max_length=max_length)
-    lengths = np.array([len(ids) for ids in enc["input_ids"]], dtype=np.int64)
+    """Flat token ids and offsets, ``TOKENIZE_CHUNK`` examples per tokenizer call.
+
+    One call over an augmented SST-2 (~1M examples) held ~5 GB of Python lists; chunks keep the
+    memory to the arrays (the result is the same).
+    """
+    ids, token_types, lengths = [], [], []
+    with_types = "token_type_ids" in tokenizer.model_input_names
+    for start in range(0, len(examples), TOKENIZE_CHUNK):
+        columns = list(zip(*examples.texts[start : start + TOKENIZE_CHUNK], strict=True))
+        enc = tokenizer(*columns, truncation=True, max_length=max_length)
+        lengths += [len(x) for x in enc["input_ids"]]
+        ids += [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
+        with_types = with_types and "token_type_ids" in enc
+        if with_types:
+            token_types += [np.asarray(x, dtype=np.int8) for x in enc["token_type_ids"]]
     arrays = {
-        "input_ids": np.concatenate([np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]),
-        "offsets": np.concatenate([[0], np.cumsum(lengths)]),
+        "input_ids": np.concatenate(ids),
+        "offsets": np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]),
         "labels": np.asarray(
             examples.labels, dtype=np.float32 if isinstance(examples.labels[0], float) else np.int64
         ),
         "index": np.arange(len(examples), dtype=np.int64),
     }
-    if "token_type_ids" in tokenizer.model_input_names and "token_type_ids" in enc:
-        arrays["token_type_ids"] = np.concatenate(
-            [np.asarray(x, dtype=np.int8) for x in enc["token_type_ids"]]
-        )
+    if with_types:
+        arrays["token_type_ids"] = np.concatenate(token_types)
     return arrays
 
 
@@ -277,7 +288,8 @@ class GlueDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.cache_dir = cache_dir
         self.seed = seed
-        # Hook for an augmented training set: when given, it replaces the task's train split.
+        # The training examples: when not given, the task's train split (``max_train_examples`` of
+        # it); ``use_train_examples`` replaces them (the distillation stages' augmented set).
         self.train_examples = train_examples
         self.collate = PadCollator(tokenizer.pad_token_id or 0)
         self.train_set: TokenizedSplit | None = None
@@ -302,13 +314,18 @@ class GlueDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
-            examples = self.train_examples if self.train_examples is not None else self.read("train")
-            examples = subsample(examples, self.max_train_examples, self.seed)
-            self.train_fingerprint = examples.source_hash
-            self.train_set = self._tokenized(examples, "train")
+            if self.train_examples is None:
+                self.train_examples = subsample(self.read("train"), self.max_train_examples, self.seed)
+            self.train_fingerprint = self.train_examples.source_hash
+            self.train_set = self._tokenized(self.train_examples, "train")
         for split in self.task.dev_splits:
             if split not in self.dev_sets:
                 self.dev_sets[split] = sort_by_length(self._tokenized(self.read(split), split))
+
+    def use_train_examples(self, examples: Examples) -> None:
+        """Train on ``examples`` from now on (as given: not subsampled); the dev sets stay as they are."""
+        self.train_examples, self.train_set = examples, None
+        self.setup("fit")
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
+from xtc_lightning.augment import AugmentConfig, augment_train_set, check_masked_lm
 from xtc_lightning.callbacks import PlainProgress, want_progress_bar
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.distill import check_distill_config, enable_attention_scores
@@ -265,6 +266,7 @@ def student_stage(
         quant,
     )
     result = fit_and_evaluate(cfg, stage, module, datamodule, run_dir, cfg[stage].max_epochs)
+    result["train_examples"] = len(datamodule.train_set)
     result["params"] = count_parameters(student)
     result["num_layers"] = len(layers)
     result["layers"] = layers
@@ -371,6 +373,9 @@ def run(cfg: DictConfig) -> dict:
     quant = QuantConfig.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
     check_distill_config(OmegaConf.to_container(cfg.distill, resolve=True))
     check_model_source(cfg.model.name_or_path)
+    augment = AugmentConfig.from_dict(OmegaConf.to_container(cfg.augment, resolve=True))
+    if augment.method == "mlm" and augment.applies_to(task.name) and cfg.stage != "teacher":
+        check_masked_lm(augment.mlm_model)  # now, not after an hour of teacher training
     if cfg.export.other_dtype not in STORED_DTYPES:
         raise UserError(
             f"export.other_dtype '{cfg.export.other_dtype}' is not accepted; choose one of: {', '.join(STORED_DTYPES)}"
@@ -404,6 +409,7 @@ def run(cfg: DictConfig) -> dict:
         "stage": cfg.stage,
         "run_dir": str(run_dir),
         "data": {"train_examples": len(datamodule.train_set), **dev_counts},
+        "augment": None,  # the distillation stages' augmented training set, when there is one
         "stages": {},
     }
     t0 = time.perf_counter()
@@ -415,6 +421,12 @@ def run(cfg: DictConfig) -> dict:
         layers = layers_from_config(OmegaConf.to_container(cfg.student, resolve=True), n_teacher)
         enable_attention_scores(teacher)  # the attention loss compares pre-softmax scores
         student = build_student(teacher, layers)  # also the start of quantize when nothing is cut
+        if len(layers) < n_teacher or (wanted >= 2 and quant.enabled):  # a distillation stage runs
+            bar = want_progress_bar(cfg.progress)
+            cache_dir = Path(cfg.paths.cache_dir).resolve()
+            results["augment"] = augment_train_set(
+                augment, task, datamodule, teacher, tokenizer, cache_dir, bar
+            )
         if len(layers) < n_teacher:
             results["stages"]["reduce"], student = reduce_stage(
                 cfg, task, datamodule, run_dir, tokenizer, teacher, teacher_result, layers
