@@ -1,4 +1,4 @@
-"""Progress reporting: a bar when interactive, plain periodic log lines in batch jobs."""
+"""Trainer callbacks: progress lines for batch jobs, and what a resumed run needs in its checkpoints."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 import time
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint
 
 log = logging.getLogger("xtc_lightning")
 
@@ -62,3 +64,45 @@ class PlainProgress(L.Callback):
             log.info("%s selected checkpoint val/score %.4f", self.stage, float(score))
         else:
             log.info("%s epoch %d val/score %.4f", self.stage, trainer.current_epoch, float(score))
+
+
+class LastCheckpoint(Checkpoint):
+    """``<dirpath>/last.ckpt``, the state a resumed run continues from: written after every
+    epoch's validation and, with ``every_n_train_steps``, every that many optimizer steps.
+
+    A ``Checkpoint`` subclass, so Lightning runs it after the best-on-dev ``ModelCheckpoint``
+    and the file holds that callback's up-to-date choice.
+    """
+
+    def __init__(self, dirpath, every_n_train_steps: int | None):
+        self.path = str(dirpath) + "/last.ckpt"
+        self.every = every_n_train_steps
+        self.saved_step = -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        trainer.save_checkpoint(self.path)  # rank 0 writes (temp file + rename), all ranks sync
+        self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every and step % self.every == 0 and step != self.saved_step:
+            self._save(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+
+class RngState(L.Callback):
+    """Keep torch's random generators (dropout's source) in checkpoints and restore them on
+    resume: a resumed one-process run draws the same masks as an uninterrupted one."""
+
+    def state_dict(self) -> dict:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
