@@ -1,7 +1,7 @@
 """Slurm, for real: a one-node cluster started by ``scripts/slurm-cluster.sh`` (munged, MariaDB,
 slurmdbd, slurmctld, slurmd), the submitit launcher, an srun DDP job and a requeue that resumes.
 
-Marked ``slurm``. The cluster is reused when it is up (``.ci/run`` starts it), else started here
+The cluster tests are marked ``slurm``. The cluster is reused when it is up (``.ci/run`` starts it), else started here
 and stopped after the session; without root (or without the Debian packages and a way to
 install them) these tests are skipped, unless ``XTC_REQUIRE_SLURM=1`` (set by ``.ci/run``)
 makes that a failure. Every test has its own run root, so its own submitit folder: job ids
@@ -25,8 +25,6 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-
-pytestmark = pytest.mark.slurm
 
 CLUSTER = REPO / "scripts" / "slurm-cluster.sh"
 
@@ -89,6 +87,31 @@ def sacct_states(env: dict, job_id: str, timeout: float = 60) -> dict[str, str]:
         time.sleep(0.5)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"], (2, 4, 4)),
+        (["hydra/launcher=slurm", "trainer=gpu"], (1, 1, 1)),
+        (["hydra/launcher=slurm_cpu", "trainer=ddp_cpu"], (1, 2, None)),
+        (["hydra/launcher=slurm_cpu"], (1, 1, None)),
+    ],
+)
+def test_launcher_asks_one_task_per_device(overrides, expected):
+    """Nodes, tasks per node and GPUs per node follow the trainer; the requeue signal is Lightning's."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from xtc_lightning.cli import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        launcher = compose("config", overrides=overrides, return_hydra_config=True).hydra.launcher
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == expected
+    assert launcher.additional_parameters == {"signal": "USR1@90", "requeue": True}
+    assert launcher.max_num_timeout == 0
+
+
+@pytest.mark.slurm
 def test_multirun_through_the_submitit_launcher(tmp_path, slurm_env, tiny_bert_dir):
     """Two pipeline runs as a Slurm job array; both finish with results.json and accounting saw them."""
     cmd = readme_command("python train.py -m hydra/launcher=slurm_cpu")
@@ -109,9 +132,14 @@ def test_multirun_through_the_submitit_launcher(tmp_path, slurm_env, tiny_bert_d
     assert sorted(run_dir.name for run_dir, _ in results.values()) == ["0", "1"]
     (array_dir,) = (tmp_path / "runs").glob("*/multirun-*/.submitit/*_0")
     array_id = array_dir.name.split("_")[0]
+    # The batch script submitit wrote: Lightning's requeue signal only, one task per device.
+    sbatch_lines = set((array_dir.parent / array_id / f"{array_id}_submission.sh").read_text().splitlines())
+    assert {"#SBATCH --signal=USR1@90", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=1"} <= sbatch_lines
+    assert not any("USR2" in line for line in sbatch_lines)
     assert sacct_states(slurm_env, array_id) == {f"{array_id}_0": "COMPLETED", f"{array_id}_1": "COMPLETED"}
 
 
+@pytest.mark.slurm
 def test_ddp_job_takes_its_ranks_from_slurm(tmp_path, slurm_env, tiny_bert_dir):
     """scripts/sbatch_example.sh: two srun tasks = two DDP ranks whose ranks Lightning reads from Slurm."""
     cmd = readme_command("sbatch --wait scripts/sbatch_example.sh")
@@ -151,6 +179,7 @@ def wait_until(what: str, condition, timeout: float, proc: subprocess.Popen, log
         time.sleep(0.5)
 
 
+@pytest.mark.slurm
 def test_requeued_job_resumes_from_its_checkpoints(tmp_path, slurm_env, tiny_bert_dir):
     """A launcher job interrupted twice: by the time-limit signal (SIGUSR1: Lightning saves an hpc
     checkpoint and requeues) and by `scontrol requeue` (no signal to save on: the newest
