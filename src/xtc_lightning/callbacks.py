@@ -37,7 +37,7 @@ class PlainProgress(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every or step == 0:
+        if step % self.every or step == 0 or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
         loss = metrics.get("train/loss")
@@ -55,7 +55,7 @@ class PlainProgress(L.Callback):
         )
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not trainer.is_global_zero:
             return
         score = trainer.callback_metrics.get("val/score")
         if score is None:
@@ -80,7 +80,8 @@ class LastCheckpoint(Checkpoint):
         self.saved_step = -1
 
     def _save(self, trainer: L.Trainer) -> None:
-        if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit":
+        # also under fast_dev_run (unlike ModelCheckpoint): the export reads the stage's final weights
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         trainer.save_checkpoint(self.path)  # rank 0 writes (temp file + rename), all ranks sync
         self.saved_step = trainer.global_step

@@ -139,16 +139,19 @@ def fit_and_evaluate(
     ckpt_path = resume_checkpoint(stage_dir)  # only there when resuming (see resume.check_resume)
     if ckpt_path is not None:
         log.info("%s: resuming from %s", stage, ckpt_path)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_time = time.perf_counter() - t0
     last = module.last_val
     best_path = checkpoint.best_model_path
-    if best_path:
-        best_ckpt = torch.load(best_path, map_location="cpu", weights_only=True)
-        module.on_load_checkpoint(best_ckpt)
-        module.load_state_dict(best_ckpt["state_dict"])
-    # Re-evaluate the selected weights: gives the reported metrics and the predictions files.
-    trainer.validate(module, datamodule=datamodule, verbose=False)
+    if is_rank_zero():  # consumed: Lightning would load them by itself in validate() under Slurm
+        for hpc in stage_dir.glob("hpc_ckpt_*.ckpt"):
+            hpc.unlink()
+    barrier()
+    # Re-evaluate the selected weights (the final ones when no checkpoint was saved): gives the
+    # reported metrics and the predictions files.
+    trainer.validate(
+        module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None, weights_only=True
+    )
     best = module.last_val
     last_path = stage_dir / "checkpoints" / "last.ckpt"
     return {
@@ -160,6 +163,8 @@ def fit_and_evaluate(
         "selected": "best val/score checkpoint" if best_path else "final weights (no checkpoint was saved)",
         "checkpoints": {"best": best_path or None, "last": str(last_path) if last_path.is_file() else None},
         "resumed_from": str(ckpt_path) if ckpt_path else None,
+        "world_size": trainer.world_size,
+        "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
         "predictions": write_predictions(module.task, module.last_predictions, stage_dir),
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.perf_counter() - t0, 2),
@@ -474,8 +479,9 @@ def run(cfg: DictConfig) -> dict:
     with wandb_run(cfg, run_dir) as record_in_wandb:
         results = run_stages(cfg, task, quant, datamodule, tokenizer, run_dir)
         record_in_wandb(results)
-    log.info("stages:\n%s", stage_table(results))
-    log.info("results: %s", run_dir / "results.json")
+    if is_rank_zero():
+        log.info("stages:\n%s", stage_table(results))
+        log.info("results: %s", run_dir / "results.json")
     return results
 
 
