@@ -54,8 +54,18 @@ install_packages() {
 	((EUID == 0)) || die "Debian packages missing (${missing[*]}); installing them needs root"
 	say "installing ${missing[*]}"
 	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq >/dev/null
-	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	# The packages' own services must not start (this script starts the daemons its way): deny
+	# them for the install, as container images do, unless a policy is already in place.
+	local policy=/usr/sbin/policy-rc.d own_policy=0
+	if [[ ! -e $policy ]]; then
+		printf '#!/bin/sh\nexit 101\n' >"$policy"
+		chmod 755 "$policy"
+		own_policy=1
+	fi
+	local ok=1
+	{ apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >/dev/null || ok=0
+	((own_policy)) && rm -f "$policy"
+	((ok)) || die "apt-get install ${missing[*]} failed"
 }
 
 write_configs() {
