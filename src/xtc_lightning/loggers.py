@@ -5,11 +5,13 @@ One wandb run holds the whole pipeline: each stage's metrics under its own prefi
 the run's final ``score`` (plus ``<stage>/score`` per stage) in the summary, the metric that
 wandb sweeps optimize. Its id comes from the run folder (``<name>-<run id>``), with
 ``resume: allow``, so a resumed or requeued run (same folder) continues the same wandb run.
-Only rank 0 logs; ``wandb.finish()`` is called whatever happens.
+Under a sweep agent the agent's run id is used instead. Only rank 0 logs; ``wandb.finish()``
+is called whatever happens.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from contextlib import contextmanager
@@ -24,8 +26,10 @@ WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
 
 
 def wandb_id(cfg_id: str | None, run_dir: Path) -> str:
-    """``logger.wandb.id``, or one derived from the run folder (runs/<name>/<run id>)."""
-    return cfg_id or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{run_dir.parent.name}-{run_dir.name}")
+    """``logger.wandb.id``, else the sweep agent's run id (``WANDB_RUN_ID``), else one derived from
+    the run folder (runs/<name>/<run id>)."""
+    derived = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{run_dir.parent.name}-{run_dir.name}")
+    return cfg_id or os.environ.get("WANDB_RUN_ID") or derived
 
 
 def stage_loggers(cfg: DictConfig, stage: str, run_dir: Path) -> list:
@@ -61,8 +65,9 @@ def wandb_run(cfg: DictConfig, run_dir: Path):
     def record(results: dict) -> None:
         summary = {"score": results["score"], "final_stage": results["final_stage"]}
         summary.update({f"{name}/score": r["score_best"] for name, r in results["stages"].items()})
-        if (results.get("export") or {}).get("dev", {}).get("score") is not None:
-            summary["packed/score"] = results["export"]["dev"]["score"]
+        packed = ((results.get("export") or {}).get("dev") or {}).get("score")
+        if packed is not None:  # the packed file's own dev score (export.evaluate)
+            summary["packed/score"] = packed
         logger.experiment.summary.update(summary)
 
     exit_code = 1
