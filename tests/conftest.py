@@ -118,3 +118,13 @@ def compose_job_config(overrides: list[str], output_dir: Path):
     plain = OmegaConf.to_container(cfg, resolve=False)
     choices = plain.pop("hydra")["runtime"]["choices"]
     return OmegaConf.create(plain), choices
+
+
+def readme_commands(heading: str) -> list[list[str]]:
+    """The commands of the first bash block under ``heading`` in the README, split like a shell
+    would (comments dropped): tests run them as written, adding only test-sized overrides."""
+    import shlex
+
+    section = (REPO / "README.md").read_text().split(f"\n{heading}\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose_job_config, run_train, train_command
+from conftest import REPO, compose_job_config, readme_commands, run_train, train_command
 from xtc_lightning.errors import UserError
 from xtc_lightning.resume import check_resume, resume_checkpoint
 
@@ -43,7 +43,11 @@ def best_state(result: dict) -> dict:
 
 
 def test_sigkilled_run_resumes_and_ends_exactly_like_an_uninterrupted_one(tmp_path, glue_dir, tiny_bert_dir):
-    args = [*ARGS, f"model.name_or_path={tiny_bert_dir}"]
+    # the README's two lines: the same command twice, the run folder given
+    first, again = readme_commands("## Resuming")
+    assert first == again and first[:2] == ["python", "train.py"]
+    assert any(a.startswith("hydra.run.dir=") for a in first)
+    args = [*first[2:], *ARGS, f"model.name_or_path={tiny_bert_dir}"]  # later overrides win
     straight_dir, killed_dir = tmp_path / "a" / "run", tmp_path / "b" / "run"
     straight = run_train([*args, f"hydra.run.dir={straight_dir}"], tmp_path / "a", glue_dir)
     assert straight.returncode == 0, straight.stderr[-3000:]

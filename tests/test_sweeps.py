@@ -13,7 +13,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose_job_config, run_dirs, run_train
+from conftest import REPO, compose_job_config, readme_commands
 from xtc_lightning import pipeline
 from xtc_lightning.cli import check_group_overrides
 from xtc_lightning.errors import UserError
@@ -85,20 +85,47 @@ def test_one_point_of_each_sweep_runs_a_fast_dev_run(path, tmp_path, glue_dir, t
     assert list(tmp_path.glob("run/wandb/offline-run-*/run-*.wandb"))
 
 
-def test_make_sweep_runs_a_grid_as_a_hydra_multirun(tmp_path, glue_dir, tiny_bert_dir):
+def test_readme_sweep_commands(tmp_path, glue_dir, tiny_bert_dir):
+    """The README's four lines: the two local ones run as written (plus a tiny model, debug=fast,
+    this venv and a two-point copy of the grid file); the two wandb ones name real files/projects."""
+    multirun, make, create, agent = readme_commands("## Running a sweep")
+    tiny = [f"model.name_or_path={tiny_bert_dir}", "debug=fast", "num_threads=2"]
+    env = {**os.environ, "GLUE_DIR": str(glue_dir)}
+
+    assert multirun[:3] == ["python", "train.py", "-m"]
+    root = tmp_path / "multirun"
+    cmd = [sys.executable, *multirun[1:], *tiny, f"paths.root_dir={root}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(root.glob("runs/*/multirun-*/*/results.json"))
+    assert sorted(OmegaConf.load(p.parent / "config_resolved.yaml").optim.lr for p in runs) == [
+        2e-5,
+        5e-5,
+        1e-4,
+    ]
+
+    assert (
+        make[:2] == ["make", "sweep"] and make[2] == "SWEEP=sweeps/grid.yaml" and make[3].startswith("ARGS=")
+    )
     grid = tmp_path / "grid.yaml"
     sweep = load(REPO / "sweeps" / "grid.yaml")
     sweep["parameters"] = {"task": {"values": ["rte", "mrpc"]}, "quant": {"value": "binary"}}
     grid.write_text(yaml.safe_dump(sweep))
-    args = f"model.name_or_path={tiny_bert_dir} debug=fast paths.root_dir={tmp_path} num_threads=2"
-    env = {**os.environ, "GLUE_DIR": str(glue_dir)}
-    # the README's `make sweep SWEEP=...`, with this venv (the Makefile's VENV) and a two-point grid
-    make = ["make", "-s", "sweep", f"VENV={sys.prefix}", f"SWEEP={grid}", f"ARGS={args}"]
-    proc = subprocess.run(make, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    root = tmp_path / "make"
+    args = " ".join([make[3].removeprefix("ARGS="), *tiny, f"paths.root_dir={root}"])
+    cmd = [*make[:2], f"SWEEP={grid}", f"ARGS={args}", f"VENV={sys.prefix}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/multirun-*/*/results.json")]
+    results = [json.loads(p.read_text()) for p in root.glob("runs/*/multirun-*/*/results.json")]
     assert sorted(r["task"] for r in results) == ["mrpc", "rte"]
     assert all(r["stages"]["quantize"]["bits"]["weights"] == 1 for r in results)
+    assert all(
+        list((Path(r["run_dir"]) / "wandb").glob("offline-run-*")) for r in results
+    )  # the file's logger
+
+    assert create[:2] == ["wandb", "sweep"] and (REPO / create[2]).is_file()
+    assert agent[:2] == ["wandb", "agent"] and agent[2].split("/")[1] == "xtc-lightning"
+    assert OmegaConf.load(REPO / "conf" / "logger" / "wandb.yaml").wandb.project == "xtc-lightning"
 
 
 def test_a_bayes_sweep_is_refused_by_make_sweep_in_one_line():
@@ -109,15 +136,3 @@ def test_a_bayes_sweep_is_refused_by_make_sweep_in_one_line():
     assert grid_overrides(REPO / "sweeps" / "grid.yaml")[:3] == [
         "task=cola,sst2,mrpc,stsb,rte", "quant=binary,ternary", "student=teacher,l4,l3",
     ]  # fmt: skip
-
-
-def test_hydra_multirun_over_the_lr_grid(tmp_path, glue_dir, tiny_bert_dir):
-    proc = run_train(
-        ["hparams_search=lr_grid", "task=rte", f"model.name_or_path={tiny_bert_dir}", "debug=fast"],
-        tmp_path,
-        glue_dir,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted(tmp_path.glob("runs/*/multirun-*/*/config_resolved.yaml"))
-    assert sorted(OmegaConf.load(p).optim.lr for p in runs) == [2e-5, 5e-5, 1e-4]
-    assert len(run_dirs(tmp_path)) == 0 and len(list(tmp_path.glob("runs/*/multirun-*/*/results.json"))) == 3
