@@ -127,6 +127,8 @@ def test_multirun_through_the_submitit_launcher(tmp_path, slurm_env, tiny_bert_d
     assert sorted(results) == ["mrpc", "rte"]
     for run_dir, r in results.values():
         assert r["final_stage"] == "quantize"
+        assert r["stages"]["quantize"]["cluster_environment"] == "SLURMEnvironment"
+        assert r["stages"]["quantize"]["world_size"] == 1
         assert 0.0 <= r["score"] <= 1.0
         assert (run_dir / "export" / "model.safetensors").is_file()
     # Job nums 0 and 1 of one array, both COMPLETED in Slurm's accounting.
@@ -168,6 +170,9 @@ def test_ddp_job_takes_its_ranks_from_slurm(tmp_path, slurm_env, tiny_bert_dir):
     run_dir = next((tmp_path / "runs").glob(f"*/slurm-{job_id}"))
     r = json.loads((run_dir / "results.json").read_text())
     assert r["task"] == "rte" and r["final_stage"] == "quantize"
+    for stage in ("teacher", "quantize"):
+        assert r["stages"][stage]["world_size"] == 2
+        assert r["stages"][stage]["cluster_environment"] == "SLURMEnvironment"
     assert sacct_states(slurm_env, job_id) == {job_id: "COMPLETED"}
 
 
@@ -196,7 +201,7 @@ def test_requeued_job_resumes_from_its_checkpoints(tmp_path, slurm_env, tiny_ber
         "stage=teacher",
         "trainer.max_epochs=2",
         "trainer.log_every_n_steps=5",
-        "checkpoint.every_n_train_steps=10",
+        "checkpoint.every_n_train_steps=40",
         "num_threads=1",
     ]
     launcher = subprocess.Popen(
@@ -221,18 +226,25 @@ def test_requeued_job_resumes_from_its_checkpoints(tmp_path, slurm_env, tiny_ber
         def logged(pattern: str, count: int = 1):
             return lambda: log.is_file() and len(re.findall(pattern, log.read_text(), re.M)) >= count
 
-        # 1. The time-limit signal, mid-training (after a few steps and a last.ckpt).
-        wait_until("training", logged(r"teacher epoch 0 step 15/"), 180, launcher, log)
+        # 1. The time-limit signal, mid-training, well before the first last.ckpt (step 40): the
+        # restart must take the hpc checkpoint (the newest checkpoint of the stage is taken).
+        wait_until("training", logged(r"teacher epoch 0 step 5/"), 180, launcher, log)
         slurm(slurm_env, "scancel", "--signal=USR1", job_id)
         wait_until("the hpc checkpoint", lambda: (stage_dir / "hpc_ckpt_1.ckpt").is_file(), 60, launcher, log)
         wait_until(
             "the first restart", logged(r"teacher: resuming from .*hpc_ckpt_1\.ckpt"), 180, launcher, log
         )
 
-        # 2. A requeue without a signal (as on preemption): wait for a last.ckpt newer than the hpc one.
+        # 2. A requeue without a signal (as on preemption), once a last.ckpt is newer than the hpc one.
         hpc_time = (stage_dir / "hpc_ckpt_1.ckpt").stat().st_mtime
         last = stage_dir / "checkpoints" / "last.ckpt"
-        wait_until("a newer last.ckpt", lambda: last.stat().st_mtime > hpc_time, 120, launcher, log)
+        wait_until(
+            "a newer last.ckpt",
+            lambda: last.is_file() and last.stat().st_mtime > hpc_time,
+            120,
+            launcher,
+            log,
+        )
         slurm(slurm_env, "scontrol", "requeue", job_id)
         wait_until("the second restart", logged(r"teacher: resuming from .*last\.ckpt"), 180, launcher, log)
 
