@@ -67,6 +67,9 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(
     accuracy = np.mean([r["prediction"] == r["label"] for r in rows])
     assert two_res["metrics"]["dev"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
     assert two_res["metrics"] == one_res["metrics"]
+    for res, world in ((one_res, 1), (two_res, 2)):
+        for stage in res["stages"].values():
+            assert (stage["world_size"], stage["cluster_environment"]) == (world, "LightningEnvironment")
     # both processes ran the pipeline (two stage fits each), rank 0 alone reported and wrote
     out = two.stdout
     assert out.count("results: ") == 1 and out.count("teacher epoch 0 step 8/8") == 1

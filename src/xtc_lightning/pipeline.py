@@ -164,7 +164,8 @@ def fit_and_evaluate(
         "checkpoints": {"best": best_path or None, "last": str(last_path) if last_path.is_file() else None},
         "resumed_from": str(ckpt_path) if ckpt_path else None,
         "world_size": trainer.world_size,
-        "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
+        # where ranks (and Slurm's requeue handler) come from; one-device strategies do not expose it
+        "cluster_environment": type(trainer._accelerator_connector.cluster_environment).__name__,
         "predictions": write_predictions(module.task, module.last_predictions, stage_dir),
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.perf_counter() - t0, 2),
