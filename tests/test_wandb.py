@@ -92,3 +92,15 @@ def test_wandb_run_is_finished_when_the_pipeline_fails(tmp_path, glue_dir, tiny_
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
     run = read_offline_run(run_dir)
     assert run["exit_code"] == 1 and run["config"]["task"] == {"name": "rte"}
+
+
+def test_wandb_run_id_prefers_the_config_then_the_sweep_agent_then_the_run_folder(monkeypatch):
+    from xtc_lightning.loggers import wandb_id
+
+    folder = Path("/x/runs/rte-l3-w1a8/slurm-42")
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    assert wandb_id(None, folder) == "rte-l3-w1a8-slurm-42"
+    assert wandb_id(None, Path("/x/runs/a b/multirun-1/3")) == "multirun-1-3"
+    monkeypatch.setenv("WANDB_RUN_ID", "agent7")  # set by `wandb agent` for each run it starts
+    assert wandb_id(None, folder) == "agent7"
+    assert wandb_id("mine", folder) == "mine"
