@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose_job_config, readme_commands, run_train, train_command
@@ -127,3 +129,71 @@ def test_the_newest_checkpoint_wins_including_slurm_requeue_ones(tmp_path):
     assert resume_checkpoint(stage) == hpc
     os.utime(last, (now + 10, now + 10))
     assert resume_checkpoint(stage) == last
+
+
+class Snapshot(Checkpoint):
+    """Copies ``last.ckpt`` as it is at global step ``step`` (after LastCheckpoint ran: a Checkpoint
+    too, added before), at the end of a batch or of an epoch: what a kill at that moment leaves."""
+
+    def __init__(self, folder: Path, step: int, hook: str, to: Path):
+        self.folder, self.step, self.hook, self.to = folder, step, hook, to
+
+    def _copy(self, trainer, hook: str) -> None:
+        if trainer.global_step == self.step and hook == self.hook and not self.to.exists():
+            shutil.copy(self.folder / "last.ckpt", self.to)
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self._copy(trainer, "batch")
+
+    def on_train_epoch_end(self, trainer, *args) -> None:
+        self._copy(trainer, "epoch")
+
+
+def fit_three_epochs(folder: Path, tiny_bert_dir, glue_dir, every: int, ckpt=None, snapshot=None):
+    """The teacher stage's module and callbacks, by hand: 64 examples / batch 8 = 8 steps per epoch,
+    last.ckpt every ``every`` steps. Returns the final weights and the best checkpoint's file name."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from xtc_lightning.callbacks import LastCheckpoint, RngState
+    from xtc_lightning.data import GlueDataModule
+    from xtc_lightning.models import load_classifier, load_tokenizer
+    from xtc_lightning.modules import ClassifierModule
+    from xtc_lightning.tasks import get_task
+
+    cfg, _ = compose_job_config(["task=rte", f"model.name_or_path={tiny_bert_dir}"], folder)
+    L.seed_everything(0, workers=True, verbose=False)
+    task = get_task("rte")
+    data = GlueDataModule(
+        task, load_tokenizer(cfg.model), glue_dir=str(glue_dir), hub_dataset="", max_length=64, batch_size=8,
+        eval_batch_size=64, max_train_examples=64, num_workers=0, cache_dir=None, seed=0,
+    )  # fmt: skip
+    module = ClassifierModule(
+        load_classifier(cfg.model, task), "rte", OmegaConf.to_container(cfg.optim), 1e-3
+    )
+    best = ModelCheckpoint(dirpath=folder, filename="best-{step}", monitor="val/score", mode="max")
+    callbacks = [best, LastCheckpoint(folder, every), RngState(), *([snapshot] if snapshot else [])]
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks, num_sanity_val_steps=0, default_root_dir=str(folder),
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    return module.state_dict(), Path(best.best_model_path).name
+
+
+@pytest.mark.parametrize(
+    ("every", "step", "hook"),
+    [(3, 6, "batch"), (4, 8, "batch"), (3, 8, "epoch"), (3, 16, "epoch")],
+    ids=["mid-epoch", "after-last-batch", "epoch-end", "second-epoch-end"],
+)
+def test_resume_from_any_checkpoint_position_is_exact(every, step, hook, tmp_path, glue_dir, tiny_bert_dir):
+    """Weights and the best-checkpoint choice (dev ties: the restored choice decides) match an
+    uninterrupted run, wherever the last checkpoint before a kill was written."""
+    folder, snap = tmp_path / "run", tmp_path / "snap.ckpt"
+    straight, straight_best = fit_three_epochs(
+        folder, tiny_bert_dir, glue_dir, every, snapshot=Snapshot(folder, step, hook, snap)
+    )
+    shutil.move(folder, tmp_path / "straight")  # the resumed run uses the same folder, as a rerun does
+    resumed, resumed_best = fit_three_epochs(folder, tiny_bert_dir, glue_dir, every, ckpt=snap)
+    assert resumed_best == straight_best
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

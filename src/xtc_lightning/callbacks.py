@@ -67,8 +67,9 @@ class PlainProgress(L.Callback):
 
 
 class LastCheckpoint(Checkpoint):
-    """``<dirpath>/last.ckpt``, the state a resumed run continues from: written after every
-    epoch's validation and, with ``every_n_train_steps``, every that many optimizer steps.
+    """``<dirpath>/last.ckpt``, the state a resumed run continues from: written at the end of
+    every epoch (after its validation) and, with ``every_n_train_steps``, every that many
+    optimizer steps.
 
     A ``Checkpoint`` subclass, so Lightning runs it after the best-on-dev ``ModelCheckpoint``
     and the file holds that callback's up-to-date choice.
@@ -88,11 +89,14 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every and step % self.every == 0 and step != self.saved_step:
+        # Not after an epoch's last batch: resumed from there, Lightning would skip that epoch's
+        # validation (and its best checkpoint); the end-of-epoch save follows anyway.
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if self.every and step % self.every == 0 and step != self.saved_step and not last_batch:
             self._save(trainer)
 
-    def on_validation_end(self, trainer, pl_module) -> None:
-        self._save(trainer)
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer)  # after the epoch's validation and ModelCheckpoint's choice of the best
 
 
 class RngState(L.Callback):
