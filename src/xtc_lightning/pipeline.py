@@ -375,7 +375,9 @@ def quiet_library_logs() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r"The number of training batches .* logging interval")
     # Our training sampler resumes mid-epoch by itself (data.EpochShuffleSampler); Lightning cannot tell.
-    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings(
+        "ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended"
+    )
 
 
 def stage_table(results: dict) -> str:
