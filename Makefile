@@ -16,7 +16,7 @@ STAMP := $(VENV)/.installed
 GLUE_DIR ?= $(if $(wildcard ../shared/data/glue/SST-2),$(abspath ../shared/data/glue),)
 export GLUE_DIR
 
-.PHONY: help install train test test-fast lint format clean
+.PHONY: help install train sweep test test-fast test-slurm lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,11 +35,20 @@ install: $(STAMP)  ## create .venv and install torch, the project and its extras
 train: $(STAMP)  ## run the quickstart XTC pipeline on the offline default (ARGS=... adds overrides)
 	$(BIN)/python train.py experiment=quickstart $(ARGS)
 
+# `make sweep`: a wandb sweep file's grid, run here as a Hydra multirun (no wandb server needed).
+SWEEP ?= sweeps/grid.yaml
+
+sweep: $(STAMP)  ## run a sweep file's grid as a local Hydra multirun (SWEEP=sweeps/grid.yaml ARGS=...)
+	overrides="$$($(BIN)/python -m xtc_lightning.sweeps $(SWEEP))" && $(BIN)/python train.py -m $$overrides $(ARGS)
+
 test: $(STAMP)  ## run the whole test suite (offline)
 	$(BIN)/python -m pytest $(ARGS)
 
-test-fast: $(STAMP)  ## the tests without the slow end-to-end runs
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+test-fast: $(STAMP)  ## the tests without the slow end-to-end runs and the Slurm cluster
+	$(BIN)/python -m pytest -m "not slow and not slurm" $(ARGS)
+
+test-slurm: $(STAMP)  ## the tests against a local Slurm cluster (started if not up: needs root)
+	$(BIN)/python -m pytest -m slurm $(ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check .

@@ -37,7 +37,7 @@ def minilm_dir() -> str:
     return minilm_path()
 
 
-def save_tiny_bert(path: Path, tokenizer_dir: str, num_layers: int) -> Path:
+def save_tiny_bert(path: Path, tokenizer_dir: str, num_layers: int, dropout: float = 0.1) -> Path:
     """A randomly initialised BERT (hidden 32, 2 heads) with the real MiniLM tokenizer."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -49,6 +49,8 @@ def save_tiny_bert(path: Path, tokenizer_dir: str, num_layers: int) -> Path:
         num_hidden_layers=num_layers,
         num_attention_heads=2,
         intermediate_size=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     BertModel(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
@@ -67,8 +69,8 @@ def tiny_bert12_dir(tmp_path_factory, minilm_dir) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert12"), minilm_dir, num_layers=12)
 
 
-def run_train(args: list[str], root: Path, glue_dir: Path | None = None, timeout: int = 600):
-    """Run ``python train.py`` in a subprocess with run folders and caches under ``root``."""
+def train_command(args: list[str], root: Path, glue_dir: Path | None = None) -> tuple[list[str], dict]:
+    """``python train.py`` with run folders and caches under ``root``, and its environment."""
     env = dict(os.environ)
     if glue_dir is not None:
         env["GLUE_DIR"] = str(glue_dir)
@@ -82,6 +84,12 @@ def run_train(args: list[str], root: Path, glue_dir: Path | None = None, timeout
         "progress=plain",
         *args,
     ]
+    return cmd, env
+
+
+def run_train(args: list[str], root: Path, glue_dir: Path | None = None, timeout: int = 600):
+    """Run ``python train.py`` in a subprocess with run folders and caches under ``root``."""
+    cmd, env = train_command(args, root, glue_dir)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -126,3 +134,13 @@ def tiny_mlm_dir(tmp_path_factory, minilm_dir) -> Path:
     BertForMaskedLM(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(path)
     return path
+
+
+def readme_commands(heading: str) -> list[list[str]]:
+    """The commands of the first bash block under ``heading`` in the README, split like a shell
+    would (comments dropped): tests run them as written, adding only test-sized overrides."""
+    import shlex
+
+    section = (REPO / "README.md").read_text().split(f"\n{heading}\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]

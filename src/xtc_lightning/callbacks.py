@@ -1,4 +1,4 @@
-"""Progress reporting: a bar when interactive, plain periodic log lines in batch jobs."""
+"""Trainer callbacks: progress lines for batch jobs, and what a resumed run needs in its checkpoints."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 import time
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint
 
 log = logging.getLogger("xtc_lightning")
 
@@ -35,7 +37,7 @@ class PlainProgress(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every or step == 0:
+        if step % self.every or step == 0 or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
         loss = metrics.get("train/loss")
@@ -53,7 +55,7 @@ class PlainProgress(L.Callback):
         )
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not trainer.is_global_zero:
             return
         score = trainer.callback_metrics.get("val/score")
         if score is None:
@@ -62,3 +64,50 @@ class PlainProgress(L.Callback):
             log.info("%s selected checkpoint val/score %.4f", self.stage, float(score))
         else:
             log.info("%s epoch %d val/score %.4f", self.stage, trainer.current_epoch, float(score))
+
+
+class LastCheckpoint(Checkpoint):
+    """``<dirpath>/last.ckpt``, the state a resumed run continues from: written at the end of
+    every epoch (after its validation) and, with ``every_n_train_steps``, every that many
+    optimizer steps.
+
+    A ``Checkpoint`` subclass, so Lightning runs it after the best-on-dev ``ModelCheckpoint``
+    and the file holds that callback's up-to-date choice.
+    """
+
+    def __init__(self, dirpath, every_n_train_steps: int | None):
+        self.path = str(dirpath) + "/last.ckpt"
+        self.every = every_n_train_steps
+        self.saved_step = -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        # also under fast_dev_run (unlike ModelCheckpoint): the export reads the stage's final weights
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        trainer.save_checkpoint(self.path)  # rank 0 writes (temp file + rename), all ranks sync
+        self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        # Not after an epoch's last batch: resumed from there, Lightning would skip that epoch's
+        # validation (and its best checkpoint); the end-of-epoch save follows anyway.
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if self.every and step % self.every == 0 and step != self.saved_step and not last_batch:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer)  # after the epoch's validation and ModelCheckpoint's choice of the best
+
+
+class RngState(L.Callback):
+    """Keep torch's random generators (dropout's source) in checkpoints and restore them on
+    resume: a resumed one-process run draws the same masks as an uninterrupted one."""
+
+    def state_dict(self) -> dict:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])

@@ -39,7 +39,7 @@ def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
             continue
         key, value = arg.split("=", 1)
         group_dir = conf_dir / key
-        if "." in key or not group_dir.is_dir() or key == "hydra":
+        if "." in key or not group_dir.is_dir() or key.startswith("hydra"):  # hydra/launcher=...: Hydra's
             continue
         choices = sorted(p.stem for p in group_dir.glob("*.yaml"))
         for v in value.split(","):  # multirun lists: task=rte,mrpc

@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from xtc_lightning.errors import UserError
 from xtc_lightning.tasks import GlueTask, parse_label
@@ -257,6 +257,30 @@ class PadCollator:
         return batch
 
 
+class EpochShuffleSampler(DistributedSampler):
+    """The training order: a shuffle drawn from ``seed + epoch`` alone, sharded over processes.
+
+    As ``DistributedSampler`` (a subclass, so Lightning keeps it instead of adding its own):
+    rank ``r`` of ``world`` takes every ``world``-th index of the epoch's permutation, padded by
+    wrapping around. So batch ``k`` of ``world`` processes with batch size ``b`` holds exactly the
+    examples of batch ``k`` of one process with batch size ``world * b``. It also resumes: a
+    run restarted in the middle of an epoch continues where it stopped, ``start_batch()``
+    (read when iteration begins) being the number of this epoch's batches already trained.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, world: int = 1, rank: int = 0, start_batch=None):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.batch_size = batch_size
+        self.start_batch = start_batch or (lambda: 0)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        order += order[: self.total_size - len(order)]
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        return iter(mine[self.start_batch() * self.batch_size :])
+
+
 class GlueDataModule(L.LightningDataModule):
     """Train and dev splits of one GLUE task (MNLI: dev matched and mismatched)."""
 
@@ -328,13 +352,27 @@ class GlueDataModule(L.LightningDataModule):
         self.setup("fit")
 
     def train_dataloader(self) -> DataLoader:
+        """``data.batch_size`` examples per process and step (the global batch is that x processes)."""
+        trainer = self.trainer
+        sampler = EpochShuffleSampler(
+            self.train_set,
+            self.batch_size,
+            self.seed,
+            world=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            # Lightning's own count of this epoch's batches already fetched (> 0 only on a resume)
+            start_batch=(lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+            if trainer
+            else None,
+        )
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds: no global RNG draw
         )
 
     def val_dataloader(self) -> list[DataLoader]:

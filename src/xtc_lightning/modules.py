@@ -10,6 +10,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from xtc_lightning.distill import (
     check_distill_config,
@@ -98,6 +99,12 @@ class GlueModule(L.LightningModule):
             self.log("val/score", score, prog_bar=True)
             self.last_val = {"splits": per_split, "score": score}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["last_val"] = self.last_val  # a resumed stage reports its last epoch too
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.last_val = checkpoint.get("last_val", {})
+
 
 class ClassifierModule(GlueModule):
     """Fine-tune one model on the task's labels (the teacher stage)."""
@@ -115,7 +122,7 @@ class ClassifierModule(GlueModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.model(**model_inputs(batch)).logits
         loss = supervised_loss(self.task, logits, batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over all processes
         return loss
 
     def configure_optimizers(self):
@@ -125,8 +132,9 @@ class ClassifierModule(GlueModule):
 class DistillModule(GlueModule):
     """Distil a trainable student from a frozen teacher (the reduce and quantize stages).
 
-    The teacher stays in eval mode with no gradient and outside the optimizer; its weights
-    are not written into checkpoints (they are re-attached from the live teacher on load).
+    The teacher stays in eval mode with no gradient and outside the optimizer and DDP (no
+    broadcast or gradient sync of its weights); its weights are not written into checkpoints
+    (they are re-attached from the live teacher on load).
     With a quant config, the student's quantized layers are switched on from
     ``quant.start_step`` optimizer steps on.
     """
@@ -147,6 +155,11 @@ class DistillModule(GlueModule):
             {"task_name": task_name, "layers": list(layers), "distill": distill, "optim": optim, "lr": lr}
         )
         self.teacher = teacher.eval().requires_grad_(False)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self,
+            [f"teacher.{name}" for name, _ in teacher.named_parameters()]
+            + [f"teacher.{name}" for name, _ in teacher.named_buffers()],
+        )
         self.student = student.train()
         self.layers = list(layers)
         self.distill = check_distill_config(distill)
@@ -197,7 +210,10 @@ class DistillModule(GlueModule):
         )
         for name, value in losses.items():
             self.log(
-                "train/loss" if name == "total" else f"train/{name}_loss", value, prog_bar=name == "total"
+                "train/loss" if name == "total" else f"train/{name}_loss",
+                value,
+                prog_bar=name == "total",
+                sync_dist=True,  # the mean over all processes
             )
         return losses["total"]
 
@@ -205,9 +221,11 @@ class DistillModule(GlueModule):
         return adamw_with_linear_schedule(self, self.optim, self.lr)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

@@ -1,9 +1,11 @@
-"""Stage orchestration: teacher -> (reduce) -> (quantize), and ``results.json``.
+"""Stage orchestration: teacher -> (reduce) -> (quantize) -> export, and ``results.json``.
 
 Every stage is one ``Trainer.fit`` followed by an evaluation of its best-on-dev
-checkpoint. A stage writes into ``<run dir>/<stage>/``: checkpoints, logs and
-``predictions_<split>.tsv``. The fine-tuned teacher is cached under
-``paths.cache_dir`` keyed by everything that shaped it, and reused by later runs.
+checkpoint. A stage writes into ``<run dir>/<stage>/``: checkpoints, logs,
+``predictions_<split>.tsv`` and, once finished, ``result.json`` (see ``resume``: a rerun in
+the same folder skips finished stages and continues an interrupted one). The fine-tuned
+teacher and the reduced student are cached under ``paths.cache_dir`` keyed by everything that
+shaped them, and reused by later runs. Under DDP every rank runs this; rank 0 writes.
 """
 
 from __future__ import annotations
@@ -17,21 +19,25 @@ import time
 import warnings
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
 from xtc_lightning.augment import AugmentConfig, augment_train_set, check_masked_lm
-from xtc_lightning.callbacks import PlainProgress, want_progress_bar
+from xtc_lightning.callbacks import LastCheckpoint, PlainProgress, RngState, want_progress_bar
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.distill import check_distill_config, enable_attention_scores
+from xtc_lightning.distributed import barrier, is_rank_zero
 from xtc_lightning.errors import UserError
 from xtc_lightning.export import SizeReport, export_run
 from xtc_lightning.export.format import STORED_DTYPES
+from xtc_lightning.export.run import EXPORT_DIR
+from xtc_lightning.loggers import stage_loggers, wandb_run
 from xtc_lightning.models import (
     check_model_source,
     count_parameters,
@@ -41,12 +47,20 @@ from xtc_lightning.models import (
 )
 from xtc_lightning.modules import ClassifierModule, DistillModule, GlueModule
 from xtc_lightning.quant import QuantConfig, apply_quantization, quantization_summary
+from xtc_lightning.resume import (
+    CONFIG_FILE,
+    check_resume,
+    finished_stage,
+    resume_checkpoint,
+    stage_record_path,
+)
 from xtc_lightning.student import build_student, layers_from_config
 from xtc_lightning.tasks import GlueTask, get_task
 
 log = logging.getLogger("xtc_lightning")
 
 STAGES = ("teacher", "reduce", "quantize", "export")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 # Trainer settings that change what is logged, not what is learned.
 NOT_SHAPING = {"log_every_n_steps", "num_sanity_val_steps"}
 
@@ -58,10 +72,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def write_predictions(task: GlueTask, predictions: dict, folder: Path) -> dict[str, str]:
-    """``predictions_<split>.tsv``: row index, prediction, gold label (class ids or scores)."""
+    """``predictions_<split>.tsv``: row index, prediction, gold label (class ids or scores).
+
+    Written by rank 0; every rank returns the paths."""
     paths = {}
     for split, (index, preds, labels) in predictions.items():
         path = folder / f"predictions_{split}.tsv"
+        paths[split] = str(path)
+        if not is_rank_zero():
+            continue
         with open(path, "w") as f:
             f.write("index\tprediction\tlabel\n")
             for i, p, y in zip(index.tolist(), preds.tolist(), labels.tolist(), strict=True):
@@ -69,7 +88,6 @@ def write_predictions(task: GlueTask, predictions: dict, folder: Path) -> dict[s
                     f.write(f"{i}\t{p!r}\t{y!r}\n")
                 else:
                     f.write(f"{i}\t{int(p)}\t{int(y)}\n")
-        paths[split] = str(path)
     return paths
 
 
@@ -85,14 +103,12 @@ def make_trainer(
         auto_insert_metric_name=False,
         monitor="val/score",
         mode="max",
-        save_last=True,
     )
-    callbacks = [checkpoint]
+    last = LastCheckpoint(stage_dir / "checkpoints", cfg.checkpoint.every_n_train_steps)
+    callbacks = [checkpoint, last, RngState()]
     if not bar:
         callbacks.append(PlainProgress(stage, trainer_kwargs.get("log_every_n_steps") or 50))
-    loggers = [
-        hydra.utils.instantiate(lg, version=stage) for lg in (cfg.logger or {}).values() if lg is not None
-    ]
+    loggers = stage_loggers(cfg, stage, stage_dir.parent)
     try:
         trainer = L.Trainer(
             **trainer_kwargs,
@@ -121,17 +137,24 @@ def fit_and_evaluate(
     stage_dir.mkdir(parents=True, exist_ok=True)
     trainer, checkpoint = make_trainer(cfg, stage, stage_dir, max_epochs)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    ckpt_path = resume_checkpoint(stage_dir)  # only there when resuming (see resume.check_resume)
+    if ckpt_path is not None:
+        log.info("%s: resuming from %s", stage, ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_time = time.perf_counter() - t0
     last = module.last_val
     best_path = checkpoint.best_model_path
-    if best_path:
-        best_ckpt = torch.load(best_path, map_location="cpu", weights_only=True)
-        module.on_load_checkpoint(best_ckpt)
-        module.load_state_dict(best_ckpt["state_dict"])
-    # Re-evaluate the selected weights: gives the reported metrics and the predictions files.
-    trainer.validate(module, datamodule=datamodule, verbose=False)
+    if is_rank_zero():  # consumed: Lightning would load them by itself in validate() under Slurm
+        for hpc in stage_dir.glob("hpc_ckpt_*.ckpt"):
+            hpc.unlink()
+    barrier()
+    # Re-evaluate the selected weights (the final ones when no checkpoint was saved): gives the
+    # reported metrics and the predictions files.
+    trainer.validate(
+        module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None, weights_only=True
+    )
     best = module.last_val
+    last_path = stage_dir / "checkpoints" / "last.ckpt"
     return {
         "stage": stage,
         "metrics_best": best["splits"],
@@ -139,7 +162,11 @@ def fit_and_evaluate(
         "metrics_last_epoch": last.get("splits"),
         "score_last_epoch": last.get("score"),
         "selected": "best val/score checkpoint" if best_path else "final weights (no checkpoint was saved)",
-        "checkpoints": {"best": best_path or None, "last": checkpoint.last_model_path or None},
+        "checkpoints": {"best": best_path or None, "last": str(last_path) if last_path.is_file() else None},
+        "resumed_from": str(ckpt_path) if ckpt_path else None,
+        "world_size": trainer.world_size,
+        # where ranks (and Slurm's requeue handler) come from; one-device strategies do not expose it
+        "cluster_environment": type(trainer._accelerator_connector.cluster_environment).__name__,
         "predictions": write_predictions(module.task, module.last_predictions, stage_dir),
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.perf_counter() - t0, 2),
@@ -170,29 +197,43 @@ def from_cache(cache: Path, stage: str, stage_dir: Path, splits: tuple[str, ...]
     log.info("%s: reusing the cached model %s", stage, cache)
     result = json.loads((cache / "result.json").read_text())
     stage_dir.mkdir(parents=True, exist_ok=True)
-    result["predictions"] = {
-        split: str(shutil.copy(cache / f"predictions_{split}.tsv", stage_dir)) for split in splits
-    }
+    result["predictions"] = {split: str(stage_dir / f"predictions_{split}.tsv") for split in splits}
+    if is_rank_zero():
+        for split in splits:
+            shutil.copy(cache / f"predictions_{split}.tsv", stage_dir)
     result["cached"] = True
     return result
 
 
 def publish_to_cache(cache: Path, result: dict, model, tokenizer) -> dict:
-    """Store a stage's best model (HF folder), predictions and result atomically: temp folder, rename."""
-    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
-    for split, path in result["predictions"].items():
-        shutil.copy(path, tmp / f"predictions_{split}.tsv")
+    """Store a stage's best model (HF folder), predictions and result atomically: temp folder, rename.
+
+    Rank 0 publishes; the other ranks wait for it, then all load the same published model."""
     result["model_dir"] = str(cache / "model")
-    write_json_atomic(tmp / "result.json", result)
-    try:
-        os.replace(tmp, cache)
-    except OSError:  # another run published the same model first: keep theirs
+    if is_rank_zero():
+        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        for split, path in result["predictions"].items():
+            shutil.copy(path, tmp / f"predictions_{split}.tsv")
+        write_json_atomic(tmp / "result.json", result)
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another run published the same model first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
     result["cached"] = False
+    return result
+
+
+def record_stage(run_dir: Path, result: dict) -> dict:
+    """``<stage>/result.json``: the stage is finished in this run folder (rank 0 writes)."""
+    if is_rank_zero():
+        path = stage_record_path(run_dir, result["stage"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, result)
     return result
 
 
@@ -200,6 +241,12 @@ def teacher_stage(
     cfg: DictConfig, task: GlueTask, datamodule: GlueDataModule, run_dir: Path, tokenizer
 ) -> dict:
     """Fine-tune the teacher, or reuse the cached one trained with the same settings."""
+    if (done := finished_stage(run_dir, "teacher")) is not None:
+        return done
+    return record_stage(run_dir, _teacher(cfg, task, datamodule, run_dir, tokenizer))
+
+
+def _teacher(cfg: DictConfig, task: GlueTask, datamodule: GlueDataModule, run_dir: Path, tokenizer) -> dict:
     if cfg.teacher.checkpoint:
         return given_teacher(cfg, task, datamodule, run_dir)
     key = shaping_key(
@@ -294,6 +341,10 @@ def reduce_stage(
     layers: list[int],
 ) -> tuple[dict, object]:
     """Step 1: the layer-reduced student distilled in full precision (cached like the teacher)."""
+    done = finished_stage(run_dir, "reduce")
+    if done is not None:
+        student = enable_attention_scores(load_classifier(cfg.model, task, name_or_path=done["model_dir"]))
+        return done, student
     key = shaping_key(
         cfg,
         datamodule.train_fingerprint,
@@ -306,10 +357,10 @@ def reduce_stage(
     cached = from_cache(cache, "reduce", run_dir / "reduce", task.dev_splits)
     if cached is not None:
         student = enable_attention_scores(load_classifier(cfg.model, task, name_or_path=cached["model_dir"]))
-        return cached, student
+        return record_stage(run_dir, cached), student
     student = build_student(teacher, layers)
     result = student_stage(cfg, "reduce", task, datamodule, run_dir, teacher, student, layers, None)
-    return publish_to_cache(cache, result, student, tokenizer), student
+    return record_stage(run_dir, publish_to_cache(cache, result, student, tokenizer)), student
 
 
 def quiet_library_logs() -> None:
@@ -325,6 +376,10 @@ def quiet_library_logs() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r"The number of training batches .* logging interval")
+    # Our training sampler resumes mid-epoch by itself (data.EpochShuffleSampler); Lightning cannot tell.
+    warnings.filterwarnings(
+        "ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended"
+    )
 
 
 def stage_table(results: dict) -> str:
@@ -363,8 +418,29 @@ def stage_table(results: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
 
 
+def check_scale_config(cfg: DictConfig) -> None:
+    """Precision, checkpoint interval and the data-parallel launch, checked before any work."""
+    if cfg.trainer.precision not in PRECISIONS:
+        raise UserError(
+            f"trainer.precision '{cfg.trainer.precision}' is not accepted; choose one of: {', '.join(PRECISIONS)}"
+        )
+    every = cfg.checkpoint.every_n_train_steps
+    if every is not None and (not isinstance(every, int) or every < 1):
+        raise UserError(f"checkpoint.every_n_train_steps must be a positive integer or null, not {every!r}")
+    launched_outside = any(v in os.environ for v in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
+    spawns = str(cfg.trainer.get("strategy", "auto")).startswith("ddp") and not launched_outside
+    if spawns and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise UserError(
+            "a ddp trainer cannot start its processes inside a local multirun (-m); "
+            "run the sweep through hydra/launcher=slurm, or one run per command"
+        )
+
+
 def run(cfg: DictConfig) -> dict:
-    """Run the pipeline up to ``cfg.stage``; write and return ``results.json``."""
+    """Run the pipeline up to ``cfg.stage``; write and return ``results.json``.
+
+    In a run folder that already holds finished stages or checkpoints, continue that run
+    (``resume``)."""
     quiet_library_logs()
     if cfg.stage not in STAGES:
         raise UserError(f"unknown stage '{cfg.stage}'; choose one of: {', '.join(STAGES)}")
@@ -380,7 +456,9 @@ def run(cfg: DictConfig) -> dict:
         raise UserError(
             f"export.other_dtype '{cfg.export.other_dtype}' is not accepted; choose one of: {', '.join(STORED_DTYPES)}"
         )
+    check_scale_config(cfg)
     run_dir = Path(cfg.paths.output_dir).resolve()
+    resuming = check_resume(cfg, run_dir)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -401,8 +479,31 @@ def run(cfg: DictConfig) -> dict:
     )
     datamodule.setup("fit")  # read and tokenize now: data errors surface before any training
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config_resolved.yaml", resolve=True)
+    if is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / f".{CONFIG_FILE}.tmp{os.getpid()}"
+        OmegaConf.save(cfg, tmp, resolve=True)
+        os.replace(tmp, run_dir / CONFIG_FILE)  # other ranks may read it (resume check)
+    if resuming:
+        log.info("resuming the run in %s", run_dir)
+    with wandb_run(cfg, run_dir) as record_in_wandb:
+        results = run_stages(cfg, task, quant, augment, datamodule, tokenizer, run_dir)
+        record_in_wandb(results)
+    if is_rank_zero():
+        log.info("stages:\n%s", stage_table(results))
+        log.info("results: %s", run_dir / "results.json")
+    return results
+
+
+def run_stages(
+    cfg: DictConfig,
+    task: GlueTask,
+    quant: QuantConfig,
+    augment: AugmentConfig,
+    datamodule: GlueDataModule,
+    tokenizer,
+    run_dir: Path,
+) -> dict:
     dev_counts = {f"{s}_examples": len(d) for s, d in datamodule.dev_sets.items()}
     results = {
         "task": task.name,
@@ -432,26 +533,39 @@ def run(cfg: DictConfig) -> dict:
                 cfg, task, datamodule, run_dir, tokenizer, teacher, teacher_result, layers
             )
         if wanted >= 2 and quant.enabled:
-            apply_quantization(student, quant)
-            log.info("quantized modules:\n%s", quantization_summary(student).text)
-            results["stages"]["quantize"] = student_stage(
-                cfg, "quantize", task, datamodule, run_dir, teacher, student, layers, quant
-            )
+            done = finished_stage(run_dir, "quantize")
+            if done is None:
+                apply_quantization(student, quant)
+                log.info("quantized modules:\n%s", quantization_summary(student).text)
+                done = record_stage(
+                    run_dir,
+                    student_stage(
+                        cfg, "quantize", task, datamodule, run_dir, teacher, student, layers, quant
+                    ),
+                )
+            results["stages"]["quantize"] = done
     final_name = list(results["stages"])[-1]
     final = results["stages"][final_name]
     results["final_stage"] = final_name
     results["metrics"] = final["metrics_best"]
     results["score"] = final["score_best"]
     results["predictions"] = {
-        split: str(shutil.copy(path, run_dir / f"predictions_{split}.tsv"))
-        for split, path in final["predictions"].items()
+        split: str(run_dir / f"predictions_{split}.tsv") for split in final["predictions"]
     }
     results["wall_time_s"] = round(time.perf_counter() - t0, 2)
+    if not is_rank_zero():  # the files below are rank 0's; the other ranks are done
+        return results
+    for split, path in final["predictions"].items():
+        shutil.copy(path, results["predictions"][split])
     write_json_atomic(run_dir / "results.json", results)
     if wanted >= STAGES.index("export"):
-        results["export"] = export_run(
-            run_dir, other_dtype=cfg.export.other_dtype, hf=cfg.export.hf, evaluate=cfg.export.evaluate
-        )
+        export_json = run_dir / EXPORT_DIR / "export.json"
+        if export_json.is_file() and (run_dir / EXPORT_DIR / "model.safetensors").is_file():
+            results["export"] = json.loads(export_json.read_text())  # exported before an interruption
+        else:
+            results["export"] = export_run(
+                run_dir, other_dtype=cfg.export.other_dtype, hf=cfg.export.hf, evaluate=cfg.export.evaluate
+            )
         results["wall_time_s"] = round(time.perf_counter() - t0, 2)
         write_json_atomic(run_dir / "results.json", results)
         log.info(
@@ -459,6 +573,4 @@ def run(cfg: DictConfig) -> dict:
             results["export"]["packed"],
             SizeReport.from_dict(results["export"]["size"]).text(),
         )
-    log.info("stages:\n%s", stage_table(results))
-    log.info("results: %s", run_dir / "results.json")
     return results

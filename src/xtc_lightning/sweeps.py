@@ -1,0 +1,48 @@
+"""A wandb sweep file's grid as Hydra multirun overrides: ``make sweep`` without a wandb server.
+
+``python -m xtc_lightning.sweeps sweeps/grid.yaml`` prints ``task=cola,sst2,... quant=...``
+plus the sweep command's own literal overrides (``logger=wandb`` ..., offline here); the
+Makefile passes them to ``train.py -m`` (Hydra's basic sweeper runs the product). Only grid
+sweeps translate: a Bayesian one needs the wandb server's controller.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from xtc_lightning.errors import UserError
+
+# literal command arguments that only make sense with a wandb server
+SERVER_ONLY = ("logger.wandb.offline=false",)
+
+
+def grid_overrides(sweep_file: str | Path) -> list[str]:
+    path = Path(sweep_file)
+    if not path.is_file():
+        raise UserError(f"sweep file {path} not found")
+    sweep = yaml.safe_load(path.read_text())
+    if sweep.get("method") != "grid":
+        raise UserError(
+            f"{path}: method '{sweep.get('method')}' needs a wandb server: wandb sweep {path}, then wandb agent <id>"
+        )
+    overrides = []
+    for key, spec in sweep["parameters"].items():
+        values = spec["values"] if "values" in spec else [spec["value"]]
+        overrides.append(f"{key}={','.join(str(v) for v in values)}")
+    literals = [a for a in sweep.get("command", []) if not a.startswith("${") and a not in SERVER_ONLY]
+    return overrides + literals
+
+
+def main() -> None:
+    try:
+        print(" ".join(grid_overrides(sys.argv[1])))
+    except (UserError, IndexError) as err:
+        print(f"error: {err or 'usage: python -m xtc_lightning.sweeps <sweep yaml>'}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
