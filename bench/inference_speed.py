@@ -249,8 +249,8 @@ def report(result: dict, command: str) -> str:
         f"Command: `{command}` ({result['date']}, torch {result['torch']}, {result['threads']} threads, "
         f"CPU capability {result['cpu_capability']}, flags {' '.join(result['cpu_flags'])}). "
         "Side by side in one process, rotating order, median of each round's calls, ratios paired per "
-        "round then median over rounds. The machine was shared with a training job on both cores, so "
-        "absolute times are noisy; the ratios are the result.",
+        "round then median over rounds. Load average at the start: "
+        f"{result['load_average']}; absolute times move with the machine's load, the ratios are the result.",
         "",
         "Models: the fp32 6-layer MiniLM teacher; the 3-layer student (teacher layers 1/3/5) in fp32; "
         "the same student with binary per-row weights and per-token int8 activations (W1A8) as a packed "
@@ -338,6 +338,7 @@ def main() -> None:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": cpu_flags(),
         "machine": platform.machine(),
+        "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "correctness": correctness(models, tokenizer, sentences),
     }
     scenarios = {
