@@ -211,7 +211,6 @@ class _PaddingGrid:
         self.batch = real.shape[0]
         self.length = int(real.any(0).nonzero().max()) + 1  # up to the last column holding a real token
         real = real[:, : self.length]
-        self.real = real
         self.index = real.reshape(-1).nonzero().squeeze(1)
         self.key_mask = real[:, None, None, :]
         counts = real.sum(1)
