@@ -23,3 +23,12 @@ def barrier() -> None:
     """Wait for every rank (a no-op without a process group, i.e. in a one-process run)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def finish() -> None:
+    """End of a run: every rank waits for rank 0's last writes (results, export), then the process
+    group is torn down explicitly. A rank that exits while the group is alive can abort in its
+    C++ destructors ("terminate called without an active exception") and fail the job."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

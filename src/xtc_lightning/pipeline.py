@@ -32,7 +32,7 @@ from xtc_lightning.augment import AugmentConfig, augment_train_set, check_masked
 from xtc_lightning.callbacks import LastCheckpoint, PlainProgress, RngState, want_progress_bar
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.distill import check_distill_config, enable_attention_scores
-from xtc_lightning.distributed import barrier, is_rank_zero
+from xtc_lightning.distributed import barrier, finish, is_rank_zero
 from xtc_lightning.errors import UserError
 from xtc_lightning.export import SizeReport, export_run
 from xtc_lightning.export.format import STORED_DTYPES
@@ -489,6 +489,7 @@ def run(cfg: DictConfig) -> dict:
     with wandb_run(cfg, run_dir) as record_in_wandb:
         results = run_stages(cfg, task, quant, augment, datamodule, tokenizer, run_dir)
         record_in_wandb(results)
+    finish()
     if is_rank_zero():
         log.info("stages:\n%s", stage_table(results))
         log.info("results: %s", run_dir / "results.json")
