@@ -235,6 +235,18 @@ def bwn_reference(w: torch.Tensor) -> torch.Tensor:
     return torch.where(w >= 0, 1.0, -1.0) * w.abs().mean(dim=1, keepdim=True)
 
 
+def check_embeddings(emb: list, ids: torch.Tensor, dmin: int, dmax: int, ref_err: float) -> tuple:
+    """Fold the looked-up rows of quantized embeddings into the running checks: distinct values
+    per row (``dmin``, ``dmax``) and the largest difference to the BWN reference (``ref_err``)."""
+    with torch.no_grad():
+        for _, m in emb:
+            rows = m(ids).reshape(-1, m.embedding_dim)
+            lo, hi = distinct_per_row(rows)
+            dmin, dmax = min(dmin, lo), max(dmax, hi)
+            ref_err = max(ref_err, float((rows - bwn_reference(m.weight)[ids.reshape(-1)]).abs().max()))
+    return dmin, dmax, ref_err
+
+
 def check_ours(model: torch.nn.Module, ids: torch.Tensor) -> dict:
     lin = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     emb = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantEmbedding)]
@@ -252,11 +264,7 @@ def check_ours(model: torch.nn.Module, ids: torch.Tensor) -> dict:
             y_ref = F.linear(fake_quantize_activation(x, m.activation_spec), w_eff, m.bias)
             fwd_err = max(fwd_err, float((y - y_ref).abs().max()))
             fp_diff = min(fp_diff, float((y - F.linear(x, m.weight, m.bias)).abs().max()))
-        for _, m in emb:
-            rows = m(ids).reshape(-1, m.embedding_dim)
-            lo, hi = distinct_per_row(rows)
-            dmin, dmax = min(dmin, lo), max(dmax, hi)
-            ref_err = max(ref_err, float((rows - bwn_reference(m.weight)[ids.reshape(-1)]).abs().max()))
+        dmin, dmax, ref_err = check_embeddings(emb, ids, dmin, dmax, ref_err)
     res.update(
         distinct_values_per_group=[dmin, dmax],
         max_abs_diff_to_bwn_reference=ref_err,
@@ -305,11 +313,7 @@ def check_deepspeed(model: torch.nn.Module, ids: torch.Tensor) -> dict:
             )
             fwd_err = max(fwd_err, float((y - F.linear(x_q, w_eff, m.bias)).abs().max()))
             fp_diff = min(fp_diff, float((y - F.linear(x, m.weight, m.bias)).abs().max()))
-        for _, m in emb:
-            rows = m(ids).reshape(-1, m.embedding_dim)
-            lo, hi = distinct_per_row(rows)
-            dmin, dmax = min(dmin, lo), max(dmax, hi)
-            ref_err = max(ref_err, float((rows - bwn_reference(m.weight)[ids.reshape(-1)]).abs().max()))
+        dmin, dmax, ref_err = check_embeddings(emb, ids, dmin, dmax, ref_err)
     res.update(
         distinct_values_per_group=[dmin, dmax],
         exact_zero_weights=zeros,

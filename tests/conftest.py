@@ -15,6 +15,43 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 
 
+TINY_SIZE = {"vocab_size": 40, "max_position_embeddings": 24, "initializer_range": 0.5}
+
+
+def tiny_classifier(arch: str, num_layers: int = 4, attn: str = "eager"):
+    """A random tiny 3-label classifier (bert | roberta | distilbert) in eval mode; the large init
+    makes every tensor distinctive (layer-copy and distillation tests)."""
+    import torch
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    if arch in ("bert", "roberta"):
+        config_cls, cls = {
+            "bert": (BertConfig, BertForSequenceClassification),
+            "roberta": (RobertaConfig, RobertaForSequenceClassification),
+        }[arch]
+        cfg = config_cls(
+            **TINY_SIZE,
+            hidden_size=16,
+            num_hidden_layers=num_layers,
+            num_attention_heads=2,
+            intermediate_size=24,
+        )
+    else:
+        cfg = DistilBertConfig(**TINY_SIZE, dim=16, n_layers=num_layers, n_heads=2, hidden_dim=24)
+        cls = DistilBertForSequenceClassification
+    cfg.num_labels = 3
+    cfg._attn_implementation = attn
+    return cls(cfg).eval()
+
+
 def find_glue_dir() -> Path | None:
     for candidate in (os.environ.get("GLUE_DIR"), REPO.parent / "shared" / "data" / "glue"):
         if candidate and (Path(candidate) / "SST-2" / "dev.tsv").is_file():

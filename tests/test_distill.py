@@ -7,15 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-)
 
+from conftest import tiny_classifier
 from xtc_lightning.distill import (
     SCORES_IMPLEMENTATION,
     attention_loss,
@@ -33,29 +26,8 @@ from xtc_lightning.errors import UserError
 from xtc_lightning.student import build_student
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "distill"
-SIZE = {"vocab_size": 40, "max_position_embeddings": 24, "initializer_range": 0.5}
 ALL = {"logits": 1.0, "attention": 1.0, "hidden": 1.0, "ground_truth": 1.0}
 LN2, LN3 = math.log(2), math.log(3)
-
-
-def tiny_model(arch: str, num_layers: int = 4, attn: str = "eager"):
-    torch.manual_seed(0)
-    if arch == "bert":
-        cfg = BertConfig(
-            **SIZE, hidden_size=16, num_hidden_layers=num_layers, num_attention_heads=2, intermediate_size=24
-        )
-        cls = BertForSequenceClassification
-    elif arch == "roberta":
-        cfg = RobertaConfig(
-            **SIZE, hidden_size=16, num_hidden_layers=num_layers, num_attention_heads=2, intermediate_size=24
-        )
-        cls = RobertaForSequenceClassification
-    else:
-        cfg = DistilBertConfig(**SIZE, dim=16, n_layers=num_layers, n_heads=2, hidden_dim=24)
-        cls = DistilBertForSequenceClassification
-    cfg.num_labels = 3
-    cfg._attn_implementation = attn
-    return cls(cfg).eval()
 
 
 def padded_batch():
@@ -255,7 +227,7 @@ def _heads(x, num_heads):
 @pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
 def test_scores_implementation_matches_eager_and_returns_raw_scores(arch):
     ids, mask = padded_batch()
-    model = tiny_model(arch, attn="eager")
+    model = tiny_classifier(arch, attn="eager")
     eager = model(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
     assert enable_attention_scores(model) is model
     enable_attention_scores(model)  # idempotent
@@ -288,7 +260,7 @@ def test_scores_implementation_matches_eager_and_returns_raw_scores(arch):
 
 def test_scores_implementation_from_sdpa_and_student_inherits_it():
     ids, mask = padded_batch()
-    model = tiny_model("bert", attn="sdpa")
+    model = tiny_classifier("bert", attn="sdpa")
     sdpa_logits = model(input_ids=ids, attention_mask=mask).logits
     enable_attention_scores(model)
     torch.testing.assert_close(
@@ -300,7 +272,7 @@ def test_scores_implementation_from_sdpa_and_student_inherits_it():
 
 
 def test_distill_forward_refuses_probabilities():
-    model = tiny_model("distilbert", attn="eager")
+    model = tiny_classifier("distilbert", attn="eager")
     ids, mask = padded_batch()
     with pytest.raises(RuntimeError, match="enable_attention_scores"):
         distill_forward(model, {"input_ids": ids, "attention_mask": mask}, attention=True, hidden=False)
@@ -310,7 +282,7 @@ def test_distill_forward_refuses_probabilities():
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
 def test_end_to_end_losses_do_not_depend_on_padded_tokens(arch):
-    teacher = enable_attention_scores(tiny_model(arch, num_layers=4))
+    teacher = enable_attention_scores(tiny_classifier(arch, num_layers=4))
     student = build_student(teacher, [1, 3])
     with torch.no_grad():
         for p in student.parameters():

@@ -6,15 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-)
 
+from conftest import tiny_classifier
 from xtc_lightning.errors import UserError
 from xtc_lightning.models import encoder_layers
 from xtc_lightning.student import (
@@ -26,28 +19,6 @@ from xtc_lightning.student import (
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "student"
-SIZE = {"vocab_size": 40, "max_position_embeddings": 24, "initializer_range": 0.5}
-
-
-def tiny_teacher(arch: str, num_layers: int = 4, attn: str = "eager") -> nn.Module:
-    """A random tiny classifier; large init so that every tensor is distinctive."""
-    torch.manual_seed(0)
-    if arch == "bert":
-        cfg = BertConfig(
-            **SIZE, hidden_size=16, num_hidden_layers=num_layers, num_attention_heads=2, intermediate_size=24
-        )
-        cls = BertForSequenceClassification
-    elif arch == "roberta":
-        cfg = RobertaConfig(
-            **SIZE, hidden_size=16, num_hidden_layers=num_layers, num_attention_heads=2, intermediate_size=24
-        )
-        cls = RobertaForSequenceClassification
-    else:
-        cfg = DistilBertConfig(**SIZE, dim=16, n_layers=num_layers, n_heads=2, hidden_dim=24)
-        cls = DistilBertForSequenceClassification
-    cfg.num_labels = 3
-    cfg._attn_implementation = attn
-    return cls(cfg).eval()
 
 
 # ----------------------------------------------------------------------------- select_layers
@@ -146,7 +117,7 @@ def test_layer_map():
 
 @pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
 def test_build_student_copies_every_tensor_by_name(arch):
-    teacher = tiny_teacher(arch, num_layers=5)
+    teacher = tiny_classifier(arch, num_layers=5)
     layers = [0, 2, 4]
     student = build_student(teacher, layers)
 
@@ -185,7 +156,7 @@ def test_build_student_copies_every_tensor_by_name(arch):
 
 @pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
 def test_full_student_reproduces_the_teacher(arch):
-    teacher = tiny_teacher(arch)
+    teacher = tiny_classifier(arch)
     student = build_student(teacher, [0, 1, 2, 3])
     ids = torch.randint(3, 40, (2, 9))
     mask = torch.ones_like(ids)
@@ -197,7 +168,7 @@ def test_full_student_reproduces_the_teacher(arch):
 
 
 def test_student_layer_i_computes_teacher_layer_layers_i():
-    teacher = tiny_teacher("bert", num_layers=4)
+    teacher = tiny_classifier("bert", num_layers=4)
     student = build_student(teacher, [1, 3])
     ids = torch.randint(3, 40, (2, 7))
     t_out = teacher(input_ids=ids, output_hidden_states=True)
@@ -210,7 +181,7 @@ def test_student_layer_i_computes_teacher_layer_layers_i():
 
 
 def test_buffers_are_copied_and_student_is_trainable():
-    teacher = tiny_teacher("bert")
+    teacher = tiny_classifier("bert")
     teacher.bert.embeddings.token_type_ids.fill_(1)  # a non-default buffer value
     teacher.requires_grad_(False)
     teacher.train()
@@ -223,24 +194,24 @@ def test_buffers_are_copied_and_student_is_trainable():
 
 
 def test_student_keeps_dtype_and_attention_implementation():
-    teacher = tiny_teacher("bert", attn="eager").to(torch.bfloat16)
+    teacher = tiny_classifier("bert", attn="eager").to(torch.bfloat16)
     student = build_student(teacher, [0, 2])
     assert student.config._attn_implementation == "eager"
     assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
     assert torch.equal(student.classifier.weight, teacher.classifier.weight)
     assert student.bert.embeddings.position_ids.dtype == torch.long
 
-    sdpa_teacher = tiny_teacher("distilbert", attn="sdpa")
+    sdpa_teacher = tiny_classifier("distilbert", attn="sdpa")
     assert build_student(sdpa_teacher, [1]).config._attn_implementation == "sdpa"
 
 
 def test_build_student_fails_loudly_on_structure_mismatch():
-    teacher = tiny_teacher("bert")
+    teacher = tiny_classifier("bert")
     teacher.extra = nn.Linear(2, 2)  # a teacher tensor the student class does not have
     with pytest.raises(UserError, match=r"teacher tensors not copied into the student: \['extra.weight'"):
         build_student(teacher, [0, 1])
 
-    teacher = tiny_teacher("bert")
+    teacher = tiny_classifier("bert")
     teacher.classifier = nn.Linear(16, 5)  # config still says 3 labels
     with pytest.raises(
         UserError,
@@ -250,7 +221,7 @@ def test_build_student_fails_loudly_on_structure_mismatch():
 
 
 def test_build_student_rejects_bad_layers():
-    teacher = tiny_teacher("distilbert")
+    teacher = tiny_classifier("distilbert")
     with pytest.raises(UserError, match="invalid index 4"):
         build_student(teacher, [1, 4])
     with pytest.raises(UserError, match="strictly increasing"):
