@@ -159,6 +159,8 @@ def test_ddp_job_takes_its_ranks_from_slurm(tmp_path, slurm_env, tiny_bert_dir):
     job_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert proc.returncode == 0, log[-4000:]
+    # Every rank waits for rank 0's export and tears its process group down before exiting.
+    assert "terminate called" not in log, log[-4000:]
 
     # srun --label prefixes each line with the Slurm task; each task is one DDP rank.
     assert re.search(r"^0: .*Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2$", log, re.M), log[-4000:]
