@@ -84,7 +84,9 @@ class LastCheckpoint(Checkpoint):
         # also under fast_dev_run (unlike ModelCheckpoint): the export reads the stage's final weights
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        trainer.save_checkpoint(self.path)  # rank 0 writes (temp file + rename), all ranks sync
+        # The full state, to resume from (said explicitly: Lightning logs a line per save otherwise);
+        # rank 0 writes (temp file + rename), all ranks sync.
+        trainer.save_checkpoint(self.path, weights_only=False)
         self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
