@@ -26,9 +26,10 @@ def barrier() -> None:
 
 
 def finish() -> None:
-    """End of a run: every rank waits for rank 0's last writes (results, export), then the process
-    group is torn down explicitly. A rank that exits while the group is alive can abort in its
-    C++ destructors ("terminate called without an active exception") and fail the job."""
+    """End of training: every rank meets, then tears the process group down, before rank 0 writes
+    results and the export alone (no collective timeout can cut a long export short). A rank
+    that exits while the group is alive can abort in its C++ destructors ("terminate called
+    without an active exception") and fail the job."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -489,7 +489,6 @@ def run(cfg: DictConfig) -> dict:
     with wandb_run(cfg, run_dir) as record_in_wandb:
         results = run_stages(cfg, task, quant, augment, datamodule, tokenizer, run_dir)
         record_in_wandb(results)
-    finish()
     if is_rank_zero():
         log.info("stages:\n%s", stage_table(results))
         log.info("results: %s", run_dir / "results.json")
@@ -554,6 +553,7 @@ def run_stages(
         split: str(run_dir / f"predictions_{split}.tsv") for split in final["predictions"]
     }
     results["wall_time_s"] = round(time.perf_counter() - t0, 2)
+    finish()  # training is over on every rank; what follows is rank 0's alone
     if not is_rank_zero():  # the files below are rank 0's; the other ranks are done
         return results
     for split, path in final["predictions"].items():
