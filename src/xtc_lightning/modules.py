@@ -20,7 +20,8 @@ from xtc_lightning.distill import (
     teacher_needed,
 )
 from xtc_lightning.metrics import GlueSplitMetric, predictions_from_logits, task_score
-from xtc_lightning.quant import set_quantization_enabled
+from xtc_lightning.quant import latent_weights, set_quantization_enabled, set_weight_form
+from xtc_lightning.recipe import Recipe
 from xtc_lightning.tasks import GlueTask, get_task
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -36,16 +37,33 @@ def supervised_loss(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) 
     return nn.functional.cross_entropy(logits, labels.long())
 
 
-def adamw_with_linear_schedule(module: L.LightningModule, optim: dict, lr: float):
+def adamw_with_linear_schedule(
+    module: L.LightningModule, optim: dict, lr: float, recipe: Recipe | None = None
+):
     """AdamW (no decay on biases and LayerNorm weights), linear warm-up then linear decay to 0.
 
-    Only trainable parameters are optimized (a distillation teacher has none).
+    Only trainable parameters are optimized (a distillation teacher has none). With a
+    ``recipe``, the latent weights of quantized modules form their own group: lr
+    ``lr * recipe.latent_lr_scale``, decay ``recipe.latent_weight_decay``.
     """
+    latent = {id(p) for p in latent_weights(module)} if recipe is not None else set()
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     no_decay = [p for n, p in named if p.ndim < 2]  # biases, LayerNorm weights and biases
-    decay = [p for n, p in named if p.ndim >= 2]
+    decay = [p for n, p in named if p.ndim >= 2 and id(p) not in latent]
+    groups = [
+        {"params": decay, "weight_decay": optim["weight_decay"]},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if latent:
+        groups.append(
+            {
+                "params": [p for n, p in named if id(p) in latent],
+                "weight_decay": recipe.latent_weight_decay,
+                "lr": lr * recipe.latent_lr_scale,
+            }
+        )
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        groups,
         lr=lr,
         betas=tuple(optim["betas"]),
         eps=optim["eps"],
@@ -136,7 +154,8 @@ class DistillModule(GlueModule):
     broadcast or gradient sync of its weights); its weights are not written into checkpoints
     (they are re-attached from the live teacher on load).
     With a quant config, the student's quantized layers are switched on from
-    ``quant.start_step`` optimizer steps on.
+    ``quant.start_step`` optimizer steps on, and the ``recipe`` (quantize stage) sets their
+    weight form per optimizer step in training and the final form for every evaluation.
     """
 
     def __init__(
@@ -149,6 +168,7 @@ class DistillModule(GlueModule):
         optim: dict,
         lr: float,
         quant=None,
+        recipe: Recipe | None = None,
     ):
         super().__init__(task_name)
         self.save_hyperparameters(
@@ -166,7 +186,8 @@ class DistillModule(GlueModule):
         self.optim = optim
         self.lr = lr
         self.quant = quant
-        self.weights = dict(self.distill["weights"])
+        self.recipe = recipe
+        self.weights = self._scaled(dict(self.distill["weights"]))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -176,18 +197,35 @@ class DistillModule(GlueModule):
     def evaluated_model(self) -> nn.Module:
         return self.student
 
-    def _switch_quantization(self) -> None:
-        if self.quant is not None:
-            set_quantization_enabled(self.student, self.quant.active_at(self.global_step))
+    def _scaled(self, weights: dict[str, float]) -> dict[str, float]:
+        if self.recipe is not None:
+            weights["attention"] *= self.recipe.attention_scale
+        return weights
+
+    def _switch_quantization(self, training: bool) -> None:
+        if self.quant is None:
+            return
+        set_quantization_enabled(self.student, self.quant.active_at(self.global_step))
+        if self.recipe is None or not self.quant.weight.enabled:
+            return
+        if not training:  # evaluation: always the final form
+            set_weight_form(self.student, self.quant.weight)
+            return
+        per_epoch = self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)
+        step = self.global_step
+        spec = self.recipe.weight_spec_at(step, per_epoch, self.quant.weight)
+        set_weight_form(self.student, spec, self.recipe.mix_at(step, per_epoch))
 
     def on_train_epoch_start(self) -> None:
-        self.weights = loss_weights_at(self.distill, self.current_epoch, self.trainer.max_epochs)
+        self.weights = self._scaled(
+            loss_weights_at(self.distill, self.current_epoch, self.trainer.max_epochs)
+        )
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        self._switch_quantization()
+        self._switch_quantization(training=True)
 
     def on_validation_start(self) -> None:
-        self._switch_quantization()
+        self._switch_quantization(training=False)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         inputs = model_inputs(batch)
@@ -218,7 +256,7 @@ class DistillModule(GlueModule):
         return losses["total"]
 
     def configure_optimizers(self):
-        return adamw_with_linear_schedule(self, self.optim, self.lr)
+        return adamw_with_linear_schedule(self, self.optim, self.lr, self.recipe)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -47,6 +47,7 @@ from xtc_lightning.models import (
 )
 from xtc_lightning.modules import ClassifierModule, DistillModule, GlueModule
 from xtc_lightning.quant import QuantConfig, apply_quantization, quantization_summary
+from xtc_lightning.recipe import Recipe
 from xtc_lightning.resume import (
     CONFIG_FILE,
     check_resume,
@@ -131,8 +132,13 @@ def fit_and_evaluate(
     datamodule: GlueDataModule,
     run_dir: Path,
     max_epochs: int,
+    score_at_start: bool = False,
 ) -> dict:
-    """Train one stage, then evaluate its best-on-dev checkpoint; return the stage's results."""
+    """Train one stage, then evaluate its best-on-dev checkpoint; return the stage's results.
+
+    ``score_at_start``: also evaluate the model before its first step (the quantize stage: the
+    dev score right after quantization, where the low-bit recipes differ most); kept in
+    ``<stage>/start.json`` so a resumed stage reports it too."""
     stage_dir = run_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     trainer, checkpoint = make_trainer(cfg, stage, stage_dir, max_epochs)
@@ -140,6 +146,15 @@ def fit_and_evaluate(
     ckpt_path = resume_checkpoint(stage_dir)  # only there when resuming (see resume.check_resume)
     if ckpt_path is not None:
         log.info("%s: resuming from %s", stage, ckpt_path)
+    start, start_score = stage_dir / "start.json", None
+    if score_at_start and start.is_file():
+        start_score = json.loads(start.read_text())["score"]
+    elif score_at_start:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        start_score = module.last_val["score"]
+        if is_rank_zero():
+            write_json_atomic(start, {"score": start_score, "metrics": module.last_val["splits"]})
+        log.info("%s: dev score before training %.4f", stage, start_score)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_time = time.perf_counter() - t0
     last = module.last_val
@@ -170,6 +185,7 @@ def fit_and_evaluate(
         "predictions": write_predictions(module.task, module.last_predictions, stage_dir),
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.perf_counter() - t0, 2),
+        **({"score_at_start": start_score} if score_at_start else {}),
     }
 
 
@@ -300,8 +316,9 @@ def student_stage(
     student,
     layers: list[int],
     quant: QuantConfig | None,
+    recipe: Recipe | None = None,
 ) -> dict:
-    """Distil ``student`` from ``teacher`` (step 1: reduce, fp32; step 2: quantize)."""
+    """Distil ``student`` from ``teacher`` (step 1: reduce, fp32; step 2: quantize with ``recipe``)."""
     module = DistillModule(
         teacher,
         student,
@@ -311,8 +328,11 @@ def student_stage(
         OmegaConf.to_container(cfg.optim, resolve=True),
         cfg[stage].lr,
         quant,
+        recipe,
     )
-    result = fit_and_evaluate(cfg, stage, module, datamodule, run_dir, cfg[stage].max_epochs)
+    result = fit_and_evaluate(
+        cfg, stage, module, datamodule, run_dir, cfg[stage].max_epochs, score_at_start=quant is not None
+    )
     result["train_examples"] = len(datamodule.train_set)
     result["params"] = count_parameters(student)
     result["num_layers"] = len(layers)
@@ -447,6 +467,9 @@ def run(cfg: DictConfig) -> dict:
     task = get_task(cfg.task.name)
     # Validate every group before any work: a bad value fails in one line, nothing written.
     quant = QuantConfig.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
+    recipe = Recipe.from_dict(
+        OmegaConf.to_container(cfg.recipe, resolve=True), quant, cfg.quantize.max_epochs
+    )
     check_distill_config(OmegaConf.to_container(cfg.distill, resolve=True))
     check_model_source(cfg.model.name_or_path)
     augment = AugmentConfig.from_dict(OmegaConf.to_container(cfg.augment, resolve=True))
@@ -487,7 +510,7 @@ def run(cfg: DictConfig) -> dict:
     if resuming:
         log.info("resuming the run in %s", run_dir)
     with wandb_run(cfg, run_dir) as record_in_wandb:
-        results = run_stages(cfg, task, quant, augment, datamodule, tokenizer, run_dir)
+        results = run_stages(cfg, task, quant, recipe, augment, datamodule, tokenizer, run_dir)
         record_in_wandb(results)
     if is_rank_zero():
         log.info("stages:\n%s", stage_table(results))
@@ -499,6 +522,7 @@ def run_stages(
     cfg: DictConfig,
     task: GlueTask,
     quant: QuantConfig,
+    recipe: Recipe,
     augment: AugmentConfig,
     datamodule: GlueDataModule,
     tokenizer,
@@ -540,7 +564,7 @@ def run_stages(
                 done = record_stage(
                     run_dir,
                     student_stage(
-                        cfg, "quantize", task, datamodule, run_dir, teacher, student, layers, quant
+                        cfg, "quantize", task, datamodule, run_dir, teacher, student, layers, quant, recipe
                     ),
                 )
             results["stages"]["quantize"] = done

@@ -19,7 +19,9 @@ from xtc_lightning.quant.apply import (
     QuantTarget,
     apply_quantization,
     find_quant_targets,
+    latent_weights,
     set_quantization_enabled,
+    set_weight_form,
 )
 from xtc_lightning.quant.config import ActivationSpec, QuantConfig, WeightSpec
 from xtc_lightning.quant.layers import QuantEmbedding, QuantLinear, plain_state_dict
@@ -46,8 +48,10 @@ __all__ = [
     "fake_quantize_activation",
     "fake_quantize_weight",
     "find_quant_targets",
+    "latent_weights",
     "plain_state_dict",
     "quantization_summary",
     "set_quantization_enabled",
+    "set_weight_form",
     "weight_codes",
 ]

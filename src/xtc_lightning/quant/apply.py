@@ -26,7 +26,7 @@ from torch import nn
 
 from xtc_lightning.errors import UserError
 from xtc_lightning.models import encoder_layers
-from xtc_lightning.quant.config import TARGETS, QuantConfig
+from xtc_lightning.quant.config import TARGETS, QuantConfig, WeightSpec
 from xtc_lightning.quant.layers import QUANT_MODULES, QuantEmbedding, QuantLinear
 from xtc_lightning.quant.quantizers import num_groups
 
@@ -163,3 +163,19 @@ def set_quantization_enabled(model: nn.Module, enabled: bool) -> int:
     for m in modules:
         m.quant_enabled = enabled
     return len(modules)
+
+
+def set_weight_form(model: nn.Module, spec: WeightSpec, mix: float = 1.0) -> int:
+    """Set the weight quantizer and the quantized share ``mix`` (see ``layers``) of every quantized
+    module of ``model`` whose weights are quantized; returns how many there are."""
+    modules = [m for m in model.modules() if isinstance(m, QUANT_MODULES) and m.weight_spec.enabled]
+    for m in modules:
+        m.set_weight_spec(spec)
+        m.mix = mix
+    return len(modules)
+
+
+def latent_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The latent full-precision weights behind quantized weights (what the recipe's optimizer
+    settings for latent weights apply to)."""
+    return [m.weight for m in model.modules() if isinstance(m, QUANT_MODULES) and m.weight_spec.enabled]

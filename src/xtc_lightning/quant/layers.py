@@ -14,6 +14,11 @@ dict loads into the plain Hugging Face model with ``strict=True``.
 precision one, but static ranges are still observed in training mode, so they are
 calibrated when quantization starts.
 
+``mix`` (default 1.0) is the quantized share of the forward weight: ``w + mix * (Q(w) - w)``
+(``torch.lerp``), so the gradient to ``w`` stays the identity; the progressive recipe
+(``recipe.py``) ramps it to 1. ``set_weight_spec`` changes the quantizer in place (the
+ternary -> binary hand-off). Both are training state only: the state dict is unchanged.
+
 Training forwards of linears with integer-coded weights (binary, ternary, symmetric
 k-bit, scales constant along rows) and dynamic symmetric inputs run through an int8 x int8
 GEMM (``quant/int8.py``: the same codes and scales, summed exactly instead of in fp32;
@@ -57,10 +62,15 @@ class QuantLinear(nn.Linear):
         self.weight_spec = weight
         self.activation_spec = activation
         self.quant_enabled = True
+        self.mix = 1.0
         self.int8_training = int8_training_supported(weight, activation, linear.out_features)
         if activation.enabled and activation.range == "static":
             nan = torch.full((2,), float("nan"), device=linear.weight.device)
             self.register_buffer(RANGE_BUFFER, nan)
+
+    def set_weight_spec(self, weight: WeightSpec) -> None:
+        self.weight_spec = weight
+        self.int8_training = int8_training_supported(weight, self.activation_spec, self.out_features)
 
     @property
     def has_static_range(self) -> bool:
@@ -82,11 +92,11 @@ class QuantLinear(nn.Linear):
             self._observe(x)
         if not self.quant_enabled:
             return F.linear(x, self.weight, self.bias)
-        if self.training and self.int8_training and int_mm_usable(x, self.weight):
+        if self.training and self.int8_training and self.mix == 1.0 and int_mm_usable(x, self.weight):
             return int8_linear(
                 x, self.weight, self.bias, self.weight_spec, activation_qrange(self.activation_spec)[1]
             )
-        w = fake_quantize_weight(self.weight, self.weight_spec)
+        w = _mixed(self.weight, fake_quantize_weight(self.weight, self.weight_spec), self.mix)
         static = self._static_range(x) if self.has_static_range else None
         x = fake_quantize_activation(x, self.activation_spec, static)
         return F.linear(x, w, self.bias)
@@ -96,6 +106,11 @@ class QuantLinear(nn.Linear):
             f"{super().extra_repr()}, weight={self.weight_spec.describe()}, "
             f"activation={self.activation_spec.describe()}, enabled={self.quant_enabled}"
         )
+
+
+def _mixed(w: Tensor, w_q: Tensor, mix: float) -> Tensor:
+    """``w + mix * (w_q - w)``: exactly ``w_q`` at ``mix == 1``."""
+    return w_q if mix == 1.0 else torch.lerp(w, w_q, mix)
 
 
 def _tensor_range(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,6 +140,10 @@ class QuantEmbedding(nn.Embedding):
         self.weight = embedding.weight
         self.weight_spec = weight
         self.quant_enabled = True
+        self.mix = 1.0
+
+    def set_weight_spec(self, weight: WeightSpec) -> None:
+        self.weight_spec = weight
 
     def _lookup(self, input: Tensor, weight: Tensor) -> Tensor:
         return F.embedding(
@@ -143,8 +162,9 @@ class QuantEmbedding(nn.Embedding):
         if self.weight_spec.groups == "row":
             rows = self._lookup(input, self.weight)
             flat = rows.reshape(-1, self.embedding_dim)
-            return fake_quantize_weight(flat, self.weight_spec).reshape(rows.shape)
-        return self._lookup(input, fake_quantize_weight(self.weight, self.weight_spec))
+            return _mixed(flat, fake_quantize_weight(flat, self.weight_spec), self.mix).reshape(rows.shape)
+        w = _mixed(self.weight, fake_quantize_weight(self.weight, self.weight_spec), self.mix)
+        return self._lookup(input, w)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight={self.weight_spec.describe()}, enabled={self.quant_enabled}"

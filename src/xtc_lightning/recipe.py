@@ -1,0 +1,133 @@
+"""How the quantize stage trains a 1/2-bit student (``cfg.recipe``): validated once, at startup.
+
+Plain XTC (``recipe=xtc``) quantizes every target from the first step and optimizes the
+latent full-precision weights like any other weight. A small model (MiniLM, hidden 384)
+loses most of its accuracy at that first step and recovers slowly, so the recipe adds
+levers, each one key, each a pure function of the optimizer step (a resumed run recomputes
+the same state)::
+
+    name: xtc                   # label
+    progressive: none           # none | ramp | ternary  (how the student reaches its bit-width)
+    progressive_epochs: 0.0     # length of that phase, in quantize epochs (may be fractional)
+    latent_lr_scale: 1.0        # lr of the quantized latent weights = quantize.lr * this
+    latent_weight_decay: 0.01   # AdamW decay of the quantized latent weights
+    attention_scale: 1.0        # quantize stage: distill.weights.attention * this
+
+``progressive``
+    ``none``     the configured weights from the first step (XTC).
+    ``ramp``     for the first ``P = progressive_epochs * steps_per_epoch`` optimizer steps the
+                 forward uses ``w + m * (Q(w) - w)`` with ``m = (step + 1) / (P + 1)``, rising
+                 to 1; from step ``P`` on, ``m = 1``: exactly ``Q(w)``. The gradient to ``w``
+                 is the identity for every ``m`` (straight-through on the ``Q`` part).
+    ``ternary``  binary configs only: the first ``P`` steps train ternary weights (TWN, same
+                 groups), then the same latent weights are binarized (a ternary -> binary
+                 hand-off, after BinaryBERT's observation that binary training is easier from
+                 a good ternary start, without its width-doubling split).
+
+Evaluation always uses the final form (``m = 1``, the configured method): every dev score,
+and so the best-on-dev checkpoint, is that of the model the export writes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from xtc_lightning.errors import UserError
+from xtc_lightning.quant.config import QuantConfig, WeightSpec
+
+PROGRESSIVE = ("none", "ramp", "ternary")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "xtc"
+    progressive: str = "none"
+    progressive_epochs: float = 0.0
+    latent_lr_scale: float = 1.0
+    latent_weight_decay: float = 0.01
+    attention_scale: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping, quant: QuantConfig, quantize_epochs: int) -> Recipe:
+        """Validate ``cfg.recipe`` against the quant config and the quantize stage's epochs."""
+        if not isinstance(d, Mapping):
+            raise UserError(f"recipe must be a mapping, got {d!r}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise UserError(f"unknown key recipe.{unknown[0]}; accepted: {', '.join(known)}")
+        name = d.get("name", cls.name)
+        if not isinstance(name, str) or not name:
+            raise UserError(f"recipe.name={name!r} is not accepted: a non-empty string")
+        progressive = d.get("progressive", cls.progressive)
+        if progressive not in PROGRESSIVE:
+            raise UserError(f"recipe.progressive={progressive!r} is not accepted: {' | '.join(PROGRESSIVE)}")
+        epochs = _number(d.get("progressive_epochs", cls.progressive_epochs), "recipe.progressive_epochs")
+        if progressive == "none" and epochs != 0:
+            raise UserError(
+                f"recipe.progressive_epochs={epochs} needs recipe.progressive=ramp or ternary (it is none)"
+            )
+        if progressive != "none":
+            if not 0 < epochs < quantize_epochs:
+                raise UserError(
+                    f"recipe.progressive_epochs={epochs} is not accepted with recipe.progressive={progressive}: "
+                    f"a number in (0, quantize.max_epochs={quantize_epochs})"
+                )
+            if not quant.weight.enabled:
+                raise UserError(
+                    f"recipe.progressive={progressive} needs quantized weights (quant={quant.name})"
+                )
+        if progressive == "ternary" and quant.weight.method != "binary":
+            raise UserError(
+                f"recipe.progressive=ternary hands ternary weights over to binary ones: it needs "
+                f"quant.weight.method=binary, not {quant.weight.method}"
+            )
+        lr_scale = _number(d.get("latent_lr_scale", cls.latent_lr_scale), "recipe.latent_lr_scale")
+        if lr_scale <= 0:
+            raise UserError(f"recipe.latent_lr_scale={lr_scale} is not accepted: a number > 0")
+        return cls(
+            name=name,
+            progressive=progressive,
+            progressive_epochs=epochs,
+            latent_lr_scale=lr_scale,
+            latent_weight_decay=_non_negative(
+                d.get("latent_weight_decay", cls.latent_weight_decay), "recipe.latent_weight_decay"
+            ),
+            attention_scale=_non_negative(
+                d.get("attention_scale", cls.attention_scale), "recipe.attention_scale"
+            ),
+        )
+
+    def progressive_steps(self, steps_per_epoch: float) -> int:
+        """``P``: optimizer steps of the progressive phase (0 without one)."""
+        if self.progressive == "none":
+            return 0
+        return max(1, round(self.progressive_epochs * steps_per_epoch))
+
+    def mix_at(self, step: int, steps_per_epoch: float) -> float:
+        """The quantized share ``m`` of the forward weight at optimizer ``step`` (1 = fully quantized)."""
+        p = self.progressive_steps(steps_per_epoch)
+        if self.progressive != "ramp" or step >= p:
+            return 1.0
+        return (step + 1) / (p + 1)
+
+    def weight_spec_at(self, step: int, steps_per_epoch: float, final: WeightSpec) -> WeightSpec:
+        """The weight quantizer at ``step``: ternary during a ternary phase, else ``final``."""
+        if self.progressive == "ternary" and step < self.progressive_steps(steps_per_epoch):
+            return WeightSpec(method="ternary", bits=2, groups=final.groups)
+        return final
+
+
+def _number(value, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UserError(f"{key}={value!r} is not accepted: a finite number")
+    return float(value)
+
+
+def _non_negative(value, key: str) -> float:
+    v = _number(value, key)
+    if v < 0:
+        raise UserError(f"{key}={v} is not accepted: a number >= 0")
+    return v

@@ -1,0 +1,181 @@
+"""The quantize stage's recipe: validation, the progressive schedule by hand, mixed-weight layers,
+the ternary -> binary hand-off, and the latent-weight optimizer group."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import tiny_classifier
+from xtc_lightning.errors import UserError
+from xtc_lightning.modules import DistillModule
+from xtc_lightning.quant import (
+    QuantConfig,
+    QuantEmbedding,
+    QuantLinear,
+    apply_quantization,
+    fake_quantize_weight,
+    latent_weights,
+    set_weight_form,
+)
+from xtc_lightning.quant.config import ActivationSpec, WeightSpec
+from xtc_lightning.recipe import Recipe
+
+BINARY = WeightSpec("binary", 1, "row")
+TERNARY = WeightSpec("ternary", 2, "row")
+A8 = ActivationSpec("symmetric", 8, "dynamic")
+W1A8 = QuantConfig(name="w1a8", weight=BINARY, activation=A8, word_embeddings=True)
+W2A8 = QuantConfig(name="w2a8", weight=TERNARY, activation=A8, word_embeddings=True)
+XTC_DISTILL = {
+    "name": "xtc",
+    "temperature": 1.0,
+    "weights": {"logits": 1.0, "attention": 1.0, "hidden": 1.0, "ground_truth": 0.0},
+    "intermediate_fraction": 0.0,
+}
+OPTIM = {"weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8, "warmup_epochs": 0.0}
+
+
+def recipe(**kw) -> Recipe:
+    return Recipe.from_dict(kw, W1A8, quantize_epochs=3)
+
+
+@pytest.mark.parametrize(
+    ("given", "quant", "message"),
+    [
+        ({"progresive": "ramp"}, W1A8, "unknown key recipe.progresive"),
+        ({"progressive": "linear"}, W1A8, "recipe.progressive='linear' is not accepted: none | ramp | ternary"),
+        ({"progressive": "ramp", "progressive_epochs": 3}, W1A8, "a number in (0, quantize.max_epochs=3)"),
+        ({"progressive": "ramp", "progressive_epochs": 0}, W1A8, "a number in (0, quantize.max_epochs=3)"),
+        ({"progressive_epochs": 1}, W1A8, "needs recipe.progressive=ramp or ternary (it is none)"),
+        ({"progressive": "ternary", "progressive_epochs": 1}, W2A8, "needs quant.weight.method=binary, not ternary"),
+        ({"latent_lr_scale": 0}, W1A8, "recipe.latent_lr_scale=0.0 is not accepted: a number > 0"),
+        ({"latent_weight_decay": -0.1}, W1A8, "recipe.latent_weight_decay=-0.1 is not accepted: a number >= 0"),
+        ({"attention_scale": float("nan")}, W1A8, "recipe.attention_scale=nan is not accepted: a finite number"),
+        ({"progressive": "ramp", "progressive_epochs": 1}, QuantConfig(), "needs quantized weights"),
+    ],
+)  # fmt: skip
+def test_bad_recipes_fail_in_one_line(given, quant, message):
+    with pytest.raises(UserError, match=None) as err:
+        Recipe.from_dict(given, quant, quantize_epochs=3)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_ramp_schedule_by_hand():
+    r = recipe(progressive="ramp", progressive_epochs=0.5)
+    # 10 steps per epoch: P = 5 steps; m = (step + 1) / 6 for steps 0..4, then exactly 1
+    assert r.progressive_steps(10) == 5
+    assert [r.mix_at(s, 10) for s in range(7)] == [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0]
+    assert r.weight_spec_at(0, 10, BINARY) == BINARY  # a ramp keeps the configured quantizer
+    plain = recipe()
+    assert plain.progressive_steps(10) == 0 and plain.mix_at(0, 10) == 1.0
+
+
+def test_ternary_phase_then_binary():
+    r = recipe(progressive="ternary", progressive_epochs=1.5)
+    assert r.progressive_steps(4) == 6
+    assert [r.weight_spec_at(s, 4, BINARY).method for s in (0, 5, 6, 100)] == [
+        "ternary",
+        "ternary",
+        "binary",
+        "binary",
+    ]
+    assert r.weight_spec_at(0, 4, BINARY).groups == "row" and r.mix_at(0, 4) == 1.0
+
+
+def test_mixed_linear_forward_and_identity_gradient_by_hand():
+    lin = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -3.0], [2.0, 0.5]]))
+    q = QuantLinear(lin, BINARY, ActivationSpec())
+    q.mix = 0.25
+    # Q(w) = [[2, -2], [1.25, 1.25]]; w + 0.25 (Q(w) - w) = [[1.25, -2.75], [1.8125, 0.6875]]
+    x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    y = q(x)
+    assert y.tolist() == [[1.25 - 2 * 2.75, 1.8125 + 2 * 0.6875]]
+    y.sum().backward()
+    assert q.weight.grad.tolist() == [[1.0, 2.0], [1.0, 2.0]]  # identity to w: dL/dW = x per row
+    q.mix = 1.0
+    assert q(x).tolist() == [[2 - 4.0, 1.25 + 2.5]]  # exactly the binary layer again
+
+
+def test_mixed_training_leaves_the_int8_path_and_returns_to_it():
+    torch.manual_seed(0)
+    q = QuantLinear(nn.Linear(8, 4), BINARY, A8).train()
+    x = torch.randn(3, 8)
+    w_q = fake_quantize_weight(q.weight, BINARY)
+    q.mix = 0.5
+    from xtc_lightning.quant.quantizers import fake_quantize_activation
+
+    expected = F.linear(fake_quantize_activation(x, A8), torch.lerp(q.weight, w_q, 0.5), q.bias)
+    torch.testing.assert_close(q(x), expected, rtol=0, atol=0)
+    q.mix = 1.0
+    assert q.int8_training
+    torch.testing.assert_close(q(x), F.linear(fake_quantize_activation(x, A8), w_q, q.bias))
+
+
+def test_mixed_embedding_rows():
+    emb = nn.Embedding(3, 2)
+    with torch.no_grad():
+        emb.weight.copy_(torch.tensor([[1.0, -3.0], [2.0, 0.5], [0.0, 4.0]]))
+    q = QuantEmbedding(emb, BINARY)
+    q.mix = 0.5
+    assert q(torch.tensor([0, 2])).tolist() == [[1.5, -2.5], [1.0, 3.0]]  # Q rows [2,-2], [2,2]
+
+
+def test_set_weight_form_hands_ternary_over_to_binary():
+    model = tiny_classifier("bert", num_layers=2)
+    apply_quantization(model, W1A8)
+    n = set_weight_form(model, TERNARY, mix=1.0)
+    assert n == 2 * 6 + 1  # six linears per layer and the word embeddings
+    q = model.bert.encoder.layer[0].attention.self.query
+    codes = fake_quantize_weight(q.weight, q.weight_spec) / q.weight.abs().mean()
+    assert q.weight_spec == TERNARY and (fake_quantize_weight(q.weight, q.weight_spec) == 0).any()
+    assert codes.isfinite().all()
+    set_weight_form(model, BINARY)
+    assert q.weight_spec == BINARY and q.mix == 1.0 and q.int8_training
+    assert (fake_quantize_weight(q.weight, q.weight_spec) != 0).all()
+
+
+def distill_module(r: Recipe, quant: QuantConfig = W1A8) -> DistillModule:
+    teacher = tiny_classifier("bert", num_layers=2)
+    student = tiny_classifier("bert", num_layers=2)
+    apply_quantization(student, quant)
+    module = DistillModule(teacher, student, "mnli", [0, 1], XTC_DISTILL, OPTIM, 1e-3, quant, r)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=20, max_epochs=2, global_step=0)
+    return module
+
+
+def test_latent_weights_get_their_own_lr_and_decay():
+    module = distill_module(recipe(latent_lr_scale=10.0, latent_weight_decay=0.0))
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    latent = {id(p) for p in latent_weights(module.student)}
+    assert len(latent) == 13
+    assert [len(g["params"]) for g in groups][2] == 13 and {id(p) for p in groups[2]["params"]} == latent
+    assert groups[2]["lr"] == pytest.approx(1e-2) and groups[2]["weight_decay"] == 0.0
+    assert groups[0]["lr"] == 1e-3 and groups[0]["weight_decay"] == 0.01
+    assert not latent & {id(p) for g in groups[:2] for p in g["params"]}
+    # every trainable parameter is optimized exactly once
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+
+
+def test_training_follows_the_recipe_and_evaluation_sees_the_final_form():
+    module = distill_module(recipe(progressive="ternary", progressive_epochs=1, attention_scale=0.5))
+    assert module.weights["attention"] == 0.5 and module.weights["hidden"] == 1.0
+    q = module.student.bert.encoder.layer[1].output.dense
+    module.on_train_batch_start(None, 0)  # step 0 of 10 per epoch: ternary phase
+    assert q.weight_spec == TERNARY
+    module.on_validation_start()
+    assert q.weight_spec == BINARY
+    module.trainer.global_step = 10
+    module.on_train_batch_start(None, 0)
+    assert q.weight_spec == BINARY
+
+    ramp = distill_module(recipe(progressive="ramp", progressive_epochs=1))
+    emb = ramp.student.get_input_embeddings()
+    ramp.on_train_batch_start(None, 0)
+    assert emb.mix == pytest.approx(1 / 11)
+    ramp.on_validation_start()
+    assert emb.mix == 1.0
