@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -71,6 +72,18 @@ VARIANTS = {
     # 3 quantize epochs; the cached teacher is passed in so the batch limit does not retrain it.
     "l3_w1a8_aug20_capped": [*AUGMENTED, "augment.factor=20", "trainer.limit_train_batches=0.15", "quantize.max_epochs=3", "teacher.checkpoint={teacher}"],
 }  # fmt: skip
+# Issue 12's screen: the quantize stage's recipe (conf/recipe/, src/xtc_lightning/recipe.py), from the
+# same cached teacher and 3L fp32 student as l3_w1a8. Every run also records the dev score right
+# after binarization (score_at_start), where the recipes differ most.
+W1A8_3L = ["student=l3", "quant=binary"]
+NO_DECAY = "recipe.latent_weight_decay=0"
+VARIANTS.update({
+    "l3_w1a8_nodecay": [*W1A8_3L, NO_DECAY],
+    "l3_w1a8_ramp": [*W1A8_3L, NO_DECAY, "recipe.progressive=ramp", "recipe.progressive_epochs=1"],
+    "l3_w1a8_ternary": [*W1A8_3L, NO_DECAY, "recipe.progressive=ternary", "recipe.progressive_epochs=1"],
+    "l3_w1a8_latent_lr5": [*W1A8_3L, NO_DECAY, "recipe.latent_lr_scale=5"],
+    "l3_w1a8_att01": [*W1A8_3L, "recipe.attention_scale=0.1"],
+})  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
 LABELS = {
@@ -86,6 +99,11 @@ LABELS = {
     "l3_w1a8_fp_emb": "3L W1A8 with full-precision word embeddings",
     "l6_w1a8": "6L W1A8: no layer reduction (quantize the teacher's 6 layers)",
     "l3_w1a8_aug20_capped": "3L W1A8, augmented x20 for the 9-epoch run's steps (~360 reduce + ~1,080 quantize)",
+    "l3_w1a8_nodecay": "3L W1A8, no weight decay on the latent weights",
+    "l3_w1a8_ramp": "3L W1A8, no latent decay, progressive ramp fp32 -> binary over the first epoch",
+    "l3_w1a8_ternary": "3L W1A8, no latent decay, ternary for the first epoch, then binary",
+    "l3_w1a8_latent_lr5": "3L W1A8, no latent decay, latent weights at 5x the lr",
+    "l3_w1a8_att01": "3L W1A8, attention loss x0.1 in the quantize stage",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {
@@ -98,6 +116,7 @@ VARIANT_TASKS = {
     "l6_w1a8": ["mrpc"],
     "l3_w1a8_aug20_capped": ["mrpc"],
 }
+SEED = 42  # the pipeline's default; other seeds vary the quantize stage alone (quantize.seed)
 
 
 def majority_baseline(task_name: str, glue_dir: str) -> float:
@@ -120,40 +139,62 @@ def teacher_model_dir(task: str) -> str:
     return json.loads(path.read_text())["stages"]["teacher"]["model_dir"]
 
 
-def run_one(task: str, variant: str, threads: int) -> Path:
-    run_dir = OUT / task / variant
+def run_dir_of(task: str, variant: str, seed: int) -> Path:
+    return OUT / task / (variant if seed == SEED else f"{variant}@seed{seed}")
+
+
+def run_one(task: str, variant: str, threads: int, seed: int = SEED) -> Path:
+    run_dir = run_dir_of(task, variant, seed)
     if (run_dir / "results.json").is_file() or task not in VARIANT_TASKS.get(variant, [task]):
         return run_dir
+    if seed != SEED and variant in ("teacher", "l3_fp32"):
+        return run_dir  # seeds vary the low-bit stage only
     cmd = [
         sys.executable, str(REPO / "train.py"), f"task={task}", *COMMON, *TASK_OVERRIDES.get(task, []),
         *(a.format(teacher=teacher_model_dir(task)) if "{teacher}" in a else a for a in VARIANTS[variant]),
-        f"hydra.run.dir={run_dir}", f"paths.cache_dir={REPO / 'cache'}",
+        f"quantize.seed={seed}", f"hydra.run.dir={run_dir}", f"paths.cache_dir={REPO / 'cache'}",
         f"num_threads={threads}", "progress=plain",
     ]  # fmt: skip
-    print(f"[quality] {task} {variant}: {' '.join(cmd[2:])}", flush=True)
+    print(f"[quality] {task} {variant} seed {seed}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"[quality] {task} {variant} failed with exit code {proc.returncode}")
-    print(f"[quality] {task} {variant}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"[quality] {task} {variant} seed {seed}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return run_dir
 
 
 def collect(glue_dir: str) -> dict:
+    """Per task and variant: the mean over the seeds that ran (``score``, ``score_at_start``, wall
+    time) and each seed's numbers (``runs``)."""
     table: dict = {}
     for task in TASKS:
         row = {"baseline": majority_baseline(task, glue_dir)}
         for variant in VARIANTS:
-            path = OUT / task / variant / "results.json"
-            if path.is_file():
+            runs = []
+            for path in sorted((OUT / task).glob(f"{variant}*/results.json")):
+                name = path.parent.name
+                if name != variant and not name.startswith(f"{variant}@seed"):
+                    continue
                 res = json.loads(path.read_text())
                 stage = res["stages"][res.get("final_stage", res["stage"])]
-                row[variant] = {
+                runs.append({
+                    "seed": SEED if name == variant else int(name.split("@seed")[1]),
                     "score": res["score"],
+                    "score_at_start": stage.get("score_at_start"),
                     "metrics": res["metrics"],
                     "score_last_epoch": stage.get("score_last_epoch"),
                     "wall_time_s": res["wall_time_s"],
                     "train_examples": stage.get("train_examples", res["data"]["train_examples"]),
+                })  # fmt: skip
+            if runs:
+                starts = [r["score_at_start"] for r in runs if r["score_at_start"] is not None]
+                row[variant] = {
+                    "score": statistics.mean(r["score"] for r in runs),
+                    "std": statistics.stdev(r["score"] for r in runs) if len(runs) > 1 else None,
+                    "score_at_start": statistics.mean(starts) if starts else None,
+                    "wall_time_s": statistics.mean(r["wall_time_s"] for r in runs),
+                    "runs": runs,
                 }
         table[task] = row
     return table
@@ -164,7 +205,17 @@ def fmt(x: float | None, unit: str = "") -> str:
 
 
 def cell(r: dict | None) -> str:
-    return "–" if r is None else f"{fmt(r['score'])} ({r['wall_time_s'] / 60:.0f} min)"
+    """``mean ± std (n seeds)`` or one seed's score, then the score right after quantization
+    (``@0``, when recorded) and the wall time of one run."""
+    if r is None:
+        return "–"
+    score = (
+        fmt(r["score"])
+        if r["std"] is None
+        else f"{fmt(r['score'])} ± {fmt(r['std'])} ({len(r['runs'])} seeds)"
+    )
+    start = "" if r["score_at_start"] is None else f", @0 {fmt(r['score_at_start'])}"
+    return f"{score}{start} ({r['wall_time_s'] / 60:.0f} min)"
 
 
 def render(table: dict) -> str:
@@ -223,6 +274,7 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[SEED], help="quantize-stage seeds")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     glue_dir = os.environ.get("GLUE_DIR") or str(REPO.parent / "shared" / "data" / "glue")
@@ -230,7 +282,8 @@ def main() -> None:
     if not args.report_only:
         for task in args.tasks:
             for variant in args.variants:
-                run_one(task, variant, args.threads)
+                for seed in args.seeds:
+                    run_one(task, variant, args.threads, seed)
     table = collect(glue_dir)
     print(json.dumps(table, indent=2))
     body = (

@@ -179,3 +179,41 @@ def test_training_follows_the_recipe_and_evaluation_sees_the_final_form():
     assert emb.mix == pytest.approx(1 / 11)
     ramp.on_validation_start()
     assert emb.mix == 1.0
+
+
+def test_pipeline_with_a_progressive_recipe_exports_a_binary_model(tmp_path, glue_dir, tiny_bert_dir):
+    """A ternary phase then binary, no latent decay: the stage records its score right after
+    quantization, and the export holds 1-bit weights whose packed score matches the run's."""
+    from conftest import run_dirs, run_train
+
+    args = [
+        "task=rte", f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", "quant=binary",
+        "data.max_train_examples=64", "data.max_length=64", "trainer.max_epochs=1", "quantize.max_epochs=2",
+        "optim.lr=1e-3", "recipe.progressive=ternary", "recipe.progressive_epochs=1",
+        "recipe.latent_weight_decay=0", "export.other_dtype=float32", "export.hf=false",
+    ]  # fmt: skip
+    proc = run_train(args, tmp_path, glue_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = run_dirs(tmp_path)
+    import json
+
+    results = json.loads((run / "results.json").read_text())
+    quantize = results["stages"]["quantize"]
+    start = json.loads((run / "quantize" / "start.json").read_text())
+    assert quantize["score_at_start"] == start["score"] and 0 <= start["score"] <= 1
+    assert quantize["bits"]["weights"] == 1
+    assert results["export"]["dev"]["score"] == results["score"]  # fp32 rest: the same predictions
+
+
+def test_bad_recipe_value_fails_before_any_work(tmp_path, glue_dir, tiny_bert_dir):
+    from conftest import run_train
+
+    proc = run_train(
+        ["task=rte", f"model.name_or_path={tiny_bert_dir}", "recipe.progressive=ramp"], tmp_path, glue_dir
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: recipe.progressive_epochs=0.0 is not accepted with recipe.progressive=ramp: "
+        "a number in (0, quantize.max_epochs=3)"
+    )
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("results.json"))

@@ -480,6 +480,8 @@ def run(cfg: DictConfig) -> dict:
             f"export.other_dtype '{cfg.export.other_dtype}' is not accepted; choose one of: {', '.join(STORED_DTYPES)}"
         )
     check_scale_config(cfg)
+    if isinstance(cfg.quantize.seed, bool) or not isinstance(cfg.quantize.seed, int):
+        raise UserError(f"quantize.seed={cfg.quantize.seed!r} is not accepted: an integer")
     run_dir = Path(cfg.paths.output_dir).resolve()
     resuming = check_resume(cfg, run_dir)
     if cfg.num_threads:
@@ -559,6 +561,9 @@ def run_stages(
         if wanted >= 2 and quant.enabled:
             done = finished_stage(run_dir, "quantize")
             if done is None:
+                # the stage's own seed: its result depends on its inputs, not on what ran before
+                L.seed_everything(cfg.quantize.seed, workers=True, verbose=False)
+                datamodule.seed = cfg.quantize.seed
                 apply_quantization(student, quant)
                 log.info("quantized modules:\n%s", quantization_summary(student).text)
                 done = record_stage(
