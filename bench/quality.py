@@ -83,6 +83,9 @@ VARIANTS.update({
     "l3_w1a8_ternary": [*W1A8_3L, NO_DECAY, "recipe.progressive=ternary", "recipe.progressive_epochs=1"],
     "l3_w1a8_latent_lr5": [*W1A8_3L, NO_DECAY, "recipe.latent_lr_scale=5"],
     "l3_w1a8_att01": [*W1A8_3L, "recipe.attention_scale=0.1"],
+    # trade-offs, not 1-bit models: query and key (the most damaged part) at 8 or 2 bits
+    "l3_w1a8_qk8": [*W1A8_3L, "quant.weight_by_target={query:{method:symmetric,bits:8},key:{method:symmetric,bits:8}}"],
+    "l3_w1a8_qk2": [*W1A8_3L, "quant.weight_by_target={query:{method:ternary},key:{method:ternary}}"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -104,6 +107,8 @@ LABELS = {
     "l3_w1a8_ternary": "3L W1A8, no latent decay, ternary for the first epoch, then binary",
     "l3_w1a8_latent_lr5": "3L W1A8, no latent decay, latent weights at 5x the lr",
     "l3_w1a8_att01": "3L W1A8, attention loss x0.1 in the quantize stage",
+    "l3_w1a8_qk8": "3L W1A8 with 8-bit query and key (mixed precision: a trade-off, not 1 bit)",
+    "l3_w1a8_qk2": "3L W1A8 with ternary query and key (mixed precision: a trade-off, not 1 bit)",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {

@@ -60,6 +60,20 @@ CONFIGS = {
     "w8a8-asym-static": quant(
         {"method": "asymmetric", "bits": 8}, {"method": "asymmetric", "bits": 8, "range": "static"}
     ),
+    # mixed precision: 8-bit query/key and ternary word embeddings, binary elsewhere
+    "w1a8-mixed": QuantConfig.from_dict(
+        {
+            "name": "w1a8-mixed",
+            "weight": {"method": "binary"},
+            "activation": {"method": "symmetric", "bits": 8},
+            "word_embeddings": True,
+            "weight_by_target": {
+                "query": {"method": "symmetric", "bits": 8},
+                "key": {"method": "symmetric", "bits": 8},
+                "word_embeddings": {"method": "ternary"},
+            },
+        }
+    ),
 }
 
 
@@ -586,3 +600,27 @@ def test_export_cli_prints_the_size_table(finished_run, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "is not a finished run folder" in err
+
+
+def test_mixed_precision_packs_each_role_at_its_own_width(tmp_path):
+    cfg = CONFIGS["w1a8-mixed"]
+    model = tiny_model(cfg)
+    layer = model.bert.encoder.layer[0]
+    assert layer.attention.self.query.weight_spec == WeightSpec("symmetric", 8, "row")
+    assert layer.attention.self.value.weight_spec == WeightSpec("binary", 1, "row")
+    assert model.bert.embeddings.word_embeddings.weight_spec == WeightSpec("ternary", 2, "row")
+    mixed = export_packed(model, tmp_path / "mixed.safetensors", quant_cfg=cfg, task="rte")
+    plain = export_packed(
+        tiny_model(CONFIGS["w1a8"]), tmp_path / "w1.safetensors", quant_cfg=CONFIGS["w1a8"], task="rte"
+    )
+    # 2 layers x (query + key) of 32 x 32 at 8 instead of 1 bit, VOCAB x 32 at 2 instead of 1 bit
+    extra_bits = 2 * 2 * 32 * 32 * 7 + VOCAB * 32 * 1
+    assert mixed.packed_weight_bytes - plain.packed_weight_bytes == extra_bits / 8
+    assert mixed.quantized_params_by_bits == {
+        1: 2 * (2 * 32 * 32 + 2 * 32 * 64),
+        2: VOCAB * 32,
+        8: 2 * 2 * 32 * 32,
+    }
+    meta = read_packed(tmp_path / "mixed.safetensors").metadata
+    assert meta["quant"]["weight_by_target"]["query"] == {"method": "symmetric", "bits": 8, "groups": "row"}
+    assert quantization_summary(model).params_by_bits.keys() == {1, 2, 8, 32}

@@ -127,13 +127,13 @@ def test_mixed_embedding_rows():
 def test_set_weight_form_hands_ternary_over_to_binary():
     model = tiny_classifier("bert", num_layers=2)
     apply_quantization(model, W1A8)
-    n = set_weight_form(model, TERNARY, mix=1.0)
+    n = set_weight_form(model, W1A8, lambda configured: TERNARY)
     assert n == 2 * 6 + 1  # six linears per layer and the word embeddings
     q = model.bert.encoder.layer[0].attention.self.query
     codes = fake_quantize_weight(q.weight, q.weight_spec) / q.weight.abs().mean()
     assert q.weight_spec == TERNARY and (fake_quantize_weight(q.weight, q.weight_spec) == 0).any()
     assert codes.isfinite().all()
-    set_weight_form(model, BINARY)
+    set_weight_form(model, W1A8)
     assert q.weight_spec == BINARY and q.mix == 1.0 and q.int8_training
     assert (fake_quantize_weight(q.weight, q.weight_spec) != 0).all()
 
@@ -217,3 +217,43 @@ def test_bad_recipe_value_fails_before_any_work(tmp_path, glue_dir, tiny_bert_di
         "a number in (0, quantize.max_epochs=3)"
     )
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("results.json"))
+
+
+def test_ternary_phase_leaves_mixed_precision_roles_alone():
+    mixed = QuantConfig.from_dict(
+        {
+            "name": "m",
+            "weight": {"method": "binary"},
+            "activation": {"method": "symmetric", "bits": 8},
+            "weight_by_target": {"query": {"method": "symmetric", "bits": 8}},
+        }
+    )
+    module = distill_module(
+        Recipe.from_dict({"progressive": "ternary", "progressive_epochs": 1}, mixed, 3), mixed
+    )
+    attention = module.student.bert.encoder.layer[0].attention.self
+    module.on_train_batch_start(None, 0)
+    assert (
+        attention.query.weight_spec == WeightSpec("symmetric", 8, "row")
+        and attention.key.weight_spec == TERNARY
+    )
+    module.on_validation_start()
+    assert (
+        attention.query.weight_spec == WeightSpec("symmetric", 8, "row")
+        and attention.key.weight_spec == BINARY
+    )
+
+
+@pytest.mark.parametrize(
+    ("by_target", "message"),
+    [
+        ({"pooler": {"method": "ternary"}}, "quant.weight_by_target.pooler: not a quantized role of this config"),
+        ({"query": {"method": "symmetric"}}, "quant.weight_by_target.query.bits is required for method symmetric"),
+        ({"query": {"method": "binary", "bits": 2}}, "quant.weight_by_target.query.bits=2 does not fit method binary"),
+        ({"query": {"method": "ternary", "groups": 0}}, "quant.weight_by_target.query.groups=0 is not accepted"),
+    ],
+)  # fmt: skip
+def test_bad_mixed_precision_fails_in_one_line(by_target, message):
+    with pytest.raises(UserError) as err:
+        QuantConfig.from_dict({"weight": {"method": "binary"}, "weight_by_target": by_target})
+    assert message in str(err.value)

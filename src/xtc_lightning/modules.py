@@ -209,12 +209,16 @@ class DistillModule(GlueModule):
         if self.recipe is None or not self.quant.weight.enabled:
             return
         if not training:  # evaluation: always the final form
-            set_weight_form(self.student, self.quant.weight)
+            set_weight_form(self.student, self.quant)
             return
         per_epoch = self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs)
         step = self.global_step
-        spec = self.recipe.weight_spec_at(step, per_epoch, self.quant.weight)
-        set_weight_form(self.student, spec, self.recipe.mix_at(step, per_epoch))
+        set_weight_form(
+            self.student,
+            self.quant,
+            lambda final: self.recipe.weight_spec_at(step, per_epoch, final),
+            self.recipe.mix_at(step, per_epoch),
+        )
 
     def on_train_epoch_start(self) -> None:
         self.weights = self._scaled(

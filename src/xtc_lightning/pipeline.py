@@ -346,6 +346,8 @@ def student_stage(
             "activations": quant.activation.bits,
             "name": quant.name,
         }
+        if quant.mixed:
+            result["bits"]["weights_by_target"] = {r: s.bits for r, s in quant.weight_by_target}
         result["params_by_bits"] = {str(k): v for k, v in summary.params_by_bits.items()}
     return result
 

@@ -114,8 +114,10 @@ class Recipe:
         return (step + 1) / (p + 1)
 
     def weight_spec_at(self, step: int, steps_per_epoch: float, final: WeightSpec) -> WeightSpec:
-        """The weight quantizer at ``step``: ternary during a ternary phase, else ``final``."""
-        if self.progressive == "ternary" and step < self.progressive_steps(steps_per_epoch):
+        """The weight quantizer at ``step`` of a module configured as ``final``: ternary for a binary
+        one during a ternary phase, else ``final``."""
+        ternary_phase = self.progressive == "ternary" and step < self.progressive_steps(steps_per_epoch)
+        if ternary_phase and final.method == "binary":
             return WeightSpec(method="ternary", bits=2, groups=final.groups)
         return final
 

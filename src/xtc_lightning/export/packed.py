@@ -112,7 +112,12 @@ def export_packed(
     metadata = {
         "model_class": type(model).__name__,
         "model_config": model.config.to_dict(),
-        "quant": _plain(dataclasses.asdict(quant)),
+        "quant": _plain(
+            {
+                **dataclasses.asdict(quant),
+                "weight_by_target": dict(dataclasses.asdict(quant)["weight_by_target"]),
+            }
+        ),
         "task": task.name,
         "labels": list(task.label_names),
         "modules": [_module_entry(name, m) for name, m in modules.items()],
@@ -136,11 +141,13 @@ def _quantized_modules(model: nn.Module, quant: QuantConfig) -> dict[str, QuantL
         raise UserError(f"the model has quantized modules but quant config '{quant.name}' quantizes nothing")
     for name, m in modules.items():
         act = getattr(m, "activation_spec", None)
-        if m.weight_spec != quant.weight or (act is not None and act != quant.activation):
+        role = getattr(m, "role", None)
+        expected = quant.weight_for(role) if role else quant.weight
+        if m.weight_spec != expected or (act is not None and act != quant.activation):
             raise UserError(
                 f"module {name} is quantized as weight={m.weight_spec.describe()}"
                 f"{'' if act is None else ', activation=' + act.describe()}, not as quant config "
-                f"'{quant.name}' says (weight={quant.weight.describe()}, activation={quant.activation.describe()})"
+                f"'{quant.name}' says (weight={expected.describe()}, activation={quant.activation.describe()})"
             )
     off = [n for n, m in modules.items() if not m.quant_enabled]
     if off:

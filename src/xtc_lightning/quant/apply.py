@@ -26,7 +26,7 @@ from torch import nn
 
 from xtc_lightning.errors import UserError
 from xtc_lightning.models import encoder_layers
-from xtc_lightning.quant.config import TARGETS, QuantConfig, WeightSpec
+from xtc_lightning.quant.config import TARGETS, QuantConfig
 from xtc_lightning.quant.layers import QUANT_MODULES, QuantEmbedding, QuantLinear
 from xtc_lightning.quant.quantizers import num_groups
 
@@ -145,12 +145,13 @@ def apply_quantization(model: nn.Module, cfg: QuantConfig) -> list[str]:
     ]
     if cfg.weight.enabled:  # check every group count before changing anything
         for t in chosen:
-            num_groups(t.module.weight.shape, cfg.weight.groups, what=f"{t.name}.weight")
+            num_groups(t.module.weight.shape, cfg.weight_for(t.role).groups, what=f"{t.name}.weight")
     for t in chosen:
         if t.role == WORD_EMBEDDINGS:
-            new = QuantEmbedding(t.module, cfg.weight)
+            new = QuantEmbedding(t.module, cfg.weight_for(t.role))
         else:
-            new = QuantLinear(t.module, cfg.weight, cfg.activation)
+            new = QuantLinear(t.module, cfg.weight_for(t.role), cfg.activation)
+        new.role = t.role
         new.quant_enabled = cfg.start_step == 0
         parent_name, _, child = t.name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
@@ -165,12 +166,16 @@ def set_quantization_enabled(model: nn.Module, enabled: bool) -> int:
     return len(modules)
 
 
-def set_weight_form(model: nn.Module, spec: WeightSpec, mix: float = 1.0) -> int:
+def set_weight_form(model: nn.Module, cfg: QuantConfig, spec_of=None, mix: float = 1.0) -> int:
     """Set the weight quantizer and the quantized share ``mix`` (see ``layers``) of every quantized
-    module of ``model`` whose weights are quantized; returns how many there are."""
-    modules = [m for m in model.modules() if isinstance(m, QUANT_MODULES) and m.weight_spec.enabled]
+    module of ``model`` whose weights are quantized (as ``apply_quantization(model, cfg)`` made
+    them); ``spec_of(configured spec) -> spec`` changes the quantizer (None: the configured one).
+    Returns how many modules there are."""
+    modules = [m for m in model.modules() if isinstance(m, QUANT_MODULES)]
+    modules = [m for m in modules if cfg.weight_for(m.role).enabled]
     for m in modules:
-        m.set_weight_spec(spec)
+        configured = cfg.weight_for(m.role)
+        m.set_weight_spec(configured if spec_of is None else spec_of(configured))
         m.mix = mix
     return len(modules)
 

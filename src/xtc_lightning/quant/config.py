@@ -16,6 +16,10 @@ value and what is accepted)::
       ema_momentum: 0.99       # static: running = m * running + (1 - m) * batch
     targets: [query, key, value, attention_output, intermediate, output]
     word_embeddings: true      # quantize the word embedding rows (weights only)
+    pooler: false              # the pooler's hidden -> hidden linear too
+    weight_by_target: {}       # mixed precision: {role: {method, bits, groups}} replaces `weight`
+                               # for that role (a target, word_embeddings or pooler), e.g.
+                               # {query: {method: symmetric, bits: 8}, key: {method: symmetric, bits: 8}}
 
 A missing key takes the default of the matching field below (the defaults mean
 "no quantization"), except ``weight.bits`` / ``activation.bits`` of a uniform
@@ -24,6 +28,7 @@ method, which must be given.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
@@ -82,6 +87,15 @@ class QuantConfig:
     targets: tuple[str, ...] = TARGETS
     word_embeddings: bool = False
     pooler: bool = False
+    weight_by_target: tuple[tuple[str, WeightSpec], ...] = ()
+
+    def weight_for(self, role: str) -> WeightSpec:
+        """The weight quantizer of ``role`` (a target, ``word_embeddings`` or ``pooler``)."""
+        return dict(self.weight_by_target).get(role, self.weight)
+
+    @property
+    def mixed(self) -> bool:
+        return bool(self.weight_by_target)
 
     @property
     def enabled(self) -> bool:
@@ -106,6 +120,23 @@ class QuantConfig:
             word_embeddings=_bool(d.get("word_embeddings", cls.word_embeddings), "quant.word_embeddings"),
             pooler=_bool(d.get("pooler", cls.pooler), "quant.pooler"),
         )
+        by_target = _mapping(d.get("weight_by_target", {}), "quant.weight_by_target")
+        if by_target:
+            quantized = [*cfg.targets, *(["word_embeddings"] if cfg.word_embeddings else [])]
+            quantized += ["pooler"] if cfg.pooler else []
+            specs = []
+            for role, spec in by_target.items():
+                if role not in quantized:
+                    raise UserError(
+                        f"quant.weight_by_target.{role}: not a quantized role of this config; "
+                        f"accepted: {', '.join(quantized)}"
+                    )
+                spec = dict(_mapping(spec, f"quant.weight_by_target.{role}"))
+                spec.setdefault("groups", cfg.weight.groups)
+                specs.append((role, _weight_spec(spec, f"quant.weight_by_target.{role}")))
+            if not cfg.weight.enabled:
+                raise UserError("quant.weight_by_target needs a weight method (quant.weight.method is none)")
+            cfg = dataclasses.replace(cfg, weight_by_target=tuple(specs))
         if cfg.word_embeddings and not cfg.weight.enabled:
             raise UserError(
                 "quant.word_embeddings=true needs a weight method (quant.weight.method is none); "
@@ -118,20 +149,18 @@ class QuantConfig:
         return cfg
 
 
-def _weight_spec(d: Mapping) -> WeightSpec:
-    _no_unknown_keys(d, "quant.weight", [f.name for f in fields(WeightSpec)])
-    method = _choice(d.get("method", "none"), "quant.weight.method", WEIGHT_METHODS)
+def _weight_spec(d: Mapping, key: str = "quant.weight") -> WeightSpec:
+    _no_unknown_keys(d, key, [f.name for f in fields(WeightSpec)])
+    method = _choice(d.get("method", "none"), f"{key}.method", WEIGHT_METHODS)
     implied = {"none": FULL_PRECISION_BITS, "binary": 1, "ternary": 2}
     if "bits" not in d and method not in implied:
-        raise UserError(f"quant.weight.bits is required for method {method} (2..8)")
-    bits = _int(d.get("bits", implied.get(method)), "quant.weight.bits")
+        raise UserError(f"{key}.bits is required for method {method} (2..8)")
+    bits = _int(d.get("bits", implied.get(method)), f"{key}.bits")
     if method in implied and bits != implied[method]:
-        raise UserError(
-            f"quant.weight.bits={bits} does not fit method {method}: it needs bits={implied[method]}"
-        )
+        raise UserError(f"{key}.bits={bits} does not fit method {method}: it needs bits={implied[method]}")
     if method not in implied and not 2 <= bits <= 8:
-        raise UserError(f"quant.weight.bits={bits} is not supported for method {method}: accepted 2..8")
-    return WeightSpec(method=method, bits=bits, groups=_groups(d.get("groups", "row")))
+        raise UserError(f"{key}.bits={bits} is not supported for method {method}: accepted 2..8")
+    return WeightSpec(method=method, bits=bits, groups=_groups(d.get("groups", "row"), f"{key}.groups"))
 
 
 def _activation_spec(d: Mapping) -> ActivationSpec:
@@ -153,14 +182,14 @@ def _activation_spec(d: Mapping) -> ActivationSpec:
     return ActivationSpec(method=method, bits=bits, range=range_, ema_momentum=float(momentum))
 
 
-def _groups(value) -> str | int:
+def _groups(value, key: str = "quant.weight.groups") -> str | int:
     if value in ("tensor", "row"):
         return value
     if isinstance(value, str) and value.isdigit():
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
-    raise UserError(f"quant.weight.groups={value!r} is not accepted: tensor, row or a positive integer N")
+    raise UserError(f"{key}={value!r} is not accepted: tensor, row or a positive integer N")
 
 
 def _targets(value) -> tuple[str, ...]:

@@ -54,6 +54,8 @@ class QuantLinear(nn.Linear):
     validation) the range is NaN and the batch's own per-tensor range is used instead.
     """
 
+    role: str | None = None  # its role (config.TARGETS, pooler) when apply_quantization made it
+
     def __init__(self, linear: nn.Linear, weight: WeightSpec, activation: ActivationSpec):
         # Build on the meta device, then take over the original Parameters.
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
@@ -125,6 +127,8 @@ class QuantEmbedding(nn.Embedding):
     commutes with the lookup, so this equals looking up in the quantized table while
     touching B*T rows instead of the whole vocabulary each step.
     """
+
+    role: str | None = None  # word_embeddings when apply_quantization made it
 
     def __init__(self, embedding: nn.Embedding, weight: WeightSpec):
         super().__init__(
