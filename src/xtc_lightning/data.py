@@ -73,7 +73,7 @@ def read_local_split(task: GlueTask, glue_dir: str | Path, split: str) -> Exampl
         try:
             labels.append(parse_label(task, fields[label_pos]))
         except ValueError:
-            accepted = task.label_names or "a number"
+            accepted = task.label_names or "a finite number"
             raise UserError(
                 f"{path}:{lineno}: bad label '{fields[label_pos]}' (accepted: {accepted})"
             ) from None

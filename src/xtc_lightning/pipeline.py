@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
 from xtc_lightning.augment import AugmentConfig, augment_train_set, check_masked_lm
-from xtc_lightning.callbacks import LastCheckpoint, PlainProgress, RngState, want_progress_bar
+from xtc_lightning.callbacks import FiniteLoss, LastCheckpoint, PlainProgress, RngState, want_progress_bar
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.distill import check_distill_config, enable_attention_scores
 from xtc_lightning.distributed import barrier, finish, is_rank_zero
@@ -37,6 +37,7 @@ from xtc_lightning.errors import UserError
 from xtc_lightning.export import SizeReport, export_run
 from xtc_lightning.export.format import STORED_DTYPES
 from xtc_lightning.export.run import EXPORT_DIR
+from xtc_lightning.finite import check_finite_weights, first_nonfinite
 from xtc_lightning.loggers import stage_loggers, wandb_run
 from xtc_lightning.models import (
     check_model_source,
@@ -66,8 +67,12 @@ NOT_SHAPING = {"log_every_n_steps", "num_sanity_val_steps"}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    """``data`` as JSON (temp file, rename); a NaN or inf anywhere in it is a one-line error."""
+    bad = first_nonfinite(data)
+    if bad is not None:
+        raise UserError(f"{path}: '{bad}' is not finite; nothing non-finite is recorded as a result")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -105,7 +110,7 @@ def make_trainer(
         mode="max",
     )
     last = LastCheckpoint(stage_dir / "checkpoints", cfg.checkpoint.every_n_train_steps)
-    callbacks = [checkpoint, last, RngState()]
+    callbacks = [FiniteLoss(stage), checkpoint, last, RngState()]
     if not bar:
         callbacks.append(PlainProgress(stage, trainer_kwargs.get("log_every_n_steps") or 50))
     loggers = stage_loggers(cfg, stage, stage_dir.parent)
@@ -209,6 +214,7 @@ def publish_to_cache(cache: Path, result: dict, model, tokenizer) -> dict:
     """Store a stage's best model (HF folder), predictions and result atomically: temp folder, rename.
 
     Rank 0 publishes; the other ranks wait for it, then all load the same published model."""
+    check_finite_weights(model, f"{result['stage']} (before caching it)")
     result["model_dir"] = str(cache / "model")
     if is_rank_zero():
         tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")

@@ -29,6 +29,7 @@ from xtc_lightning.export.evaluate import evaluate_packed
 from xtc_lightning.export.hf import export_hf
 from xtc_lightning.export.packed import export_packed, tokenizer_dir
 from xtc_lightning.export.size import SizeReport
+from xtc_lightning.finite import check_finite_weights
 from xtc_lightning.quant import QuantConfig, apply_quantization, set_quantization_enabled
 from xtc_lightning.tasks import get_task
 
@@ -119,6 +120,7 @@ def export_run(
     run_dir = Path(run_dir).resolve()
     results, cfg = read_run(run_dir)
     model, quant, base, source = rebuild_final_model(run_dir, results, cfg)
+    check_finite_weights(model, f"{source} (before exporting it)")
     tokenizer = AutoTokenizer.from_pretrained(base)
     teacher_dir = results["stages"].get("teacher", {}).get("model_dir")
     teacher_file = Path(teacher_dir or "") / "model.safetensors"

@@ -1,0 +1,133 @@
+"""Issue 13's regressions: a diverged, misconfigured or concurrent run fails in one ``error:`` line
+(exit 2) instead of finishing with a normal-looking result, and leaves nothing misleading behind."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import run_train
+from xtc_lightning.errors import UserError
+
+
+def one_error(proc, pattern: str) -> str:
+    """The run failed with exit code 2 and exactly one ``error:`` line matching ``pattern``."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def tiny_args(tiny_bert_dir, *extra: str) -> list[str]:
+    return [
+        "task=rte", f"model.name_or_path={tiny_bert_dir}", "data.max_train_examples=64",
+        "data.max_length=32", "trainer.max_epochs=1", *extra,
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- 1. non-finite values
+
+
+def test_diverging_stage_stops_with_the_stage_step_and_losses(tmp_path, glue_dir, tiny_bert_dir):
+    proc = run_train(tiny_args(tiny_bert_dir, "quant=binary", "quantize.lr=1e6"), tmp_path, glue_dir)
+    one_error(proc, r"quantize: the loss went non-finite at step \d+ \(epoch 0\): .*train/loss=nan")
+    (run,) = (tmp_path / "runs").glob("*/*")
+    assert (run / "teacher" / "result.json").is_file()  # the teacher was fine and is kept
+    assert not (run / "results.json").exists() and not (run / "quantize" / "result.json").exists()
+    assert not list((run / "quantize").glob("checkpoints/*.ckpt"))  # the NaN weights were never saved
+
+
+def test_nan_label_is_a_data_error_with_file_and_line(tmp_path, glue_dir):
+    from xtc_lightning.data import read_local_split
+    from xtc_lightning.tasks import get_task
+
+    folder = tmp_path / "STS-B"
+    folder.mkdir()
+    lines = (glue_dir / "STS-B" / "train.tsv").read_text().splitlines()[:6]
+    fields = lines[3].split("\t")
+    fields[-1] = "nan"
+    lines[3] = "\t".join(fields)
+    (folder / "train.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"train.tsv:4: bad label 'nan' \(accepted: a finite number\)"):
+        read_local_split(get_task("stsb"), tmp_path, "train")
+
+
+def test_non_finite_weights_are_never_cached_or_exported(tmp_path):
+    from conftest import tiny_classifier
+    from xtc_lightning import pipeline
+
+    model = tiny_classifier("bert", num_layers=1)
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    cache = tmp_path / "cache" / "teachers" / "rte-x"
+    with pytest.raises(
+        UserError, match=r"teacher \(before caching it\): non-finite weights .*'classifier.weight'"
+    ):
+        pipeline.publish_to_cache(cache, {"stage": "teacher", "predictions": {}}, model, None)
+    assert not cache.parent.exists() or not any(cache.parent.iterdir())
+
+
+def test_results_json_refuses_nan(tmp_path):
+    from xtc_lightning.pipeline import write_json_atomic
+
+    with pytest.raises(UserError, match=r"'stages.quantize.score_best' is not finite"):
+        write_json_atomic(tmp_path / "results.json", {"stages": {"quantize": {"score_best": float("nan")}}})
+    assert not list(tmp_path.iterdir())
+
+
+def _packed(tmp_path: Path) -> Path:
+    from test_export import CONFIGS, tiny_model
+    from xtc_lightning.export import export_packed
+
+    path = tmp_path / "model.safetensors"
+    export_packed(tiny_model(CONFIGS["w1a8"]), path, quant_cfg=CONFIGS["w1a8"], task="rte")
+    return path
+
+
+def resign(path: Path, out: Path, edit_tensors=None, edit_meta=None) -> Path:
+    """Edit a packed file and recompute its sha256, as someone editing it on purpose would."""
+    from xtc_lightning.export import format as packed_format
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    meta["sha256"] = packed_format._digest(meta, tensors)
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def test_packed_writer_refuses_non_finite_tensors(tmp_path):
+    from test_export import CONFIGS, tiny_model
+    from xtc_lightning.export import export_packed
+
+    model = tiny_model(CONFIGS["w1a8"])
+    with torch.no_grad():
+        model.classifier.bias[0] = float("inf")
+    with pytest.raises(UserError, match=r"classifier.bias: non-finite values \(NaN/inf\) cannot be stored"):
+        export_packed(model, tmp_path / "m.safetensors", quant_cfg=CONFIGS["w1a8"], task="rte")
+    assert not list(tmp_path.iterdir())
+
+
+def test_packed_reader_refuses_non_finite_scales_even_with_a_valid_checksum(tmp_path):
+    from xtc_lightning.export import load_packed
+
+    name = "bert.encoder.layer.0.attention.self.query.weight:scale"
+
+    def nan_scale(tensors):
+        tensors[name] = tensors[name].clone()
+        tensors[name][0] = float("nan")
+
+    bad = resign(_packed(tmp_path), tmp_path / "nan.safetensors", edit_tensors=nan_scale)
+    with pytest.raises(UserError, match=r"'bert.encoder.layer.0.attention.self.query.weight' has non-finite"):
+        load_packed(bad)
