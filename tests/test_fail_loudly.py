@@ -131,3 +131,52 @@ def test_packed_reader_refuses_non_finite_scales_even_with_a_valid_checksum(tmp_
     bad = resign(_packed(tmp_path), tmp_path / "nan.safetensors", edit_tensors=nan_scale)
     with pytest.raises(UserError, match=r"'bert.encoder.layer.0.attention.self.query.weight' has non-finite"):
         load_packed(bad)
+
+
+# ----------------------------------------------------------------------------- 2. config checked first
+
+BAD_CONFIGS = [
+    (["student.layers=[0,99]"], r"student 'teacher': student layers=\[0, 99\] has invalid index 99: expected integers from 0 to 1"),
+    (["student.layers=[]"], r"student layers=\[\] is empty"),
+    (["student.layers=[1,1]"], r"student layers=\[1, 1\] must be strictly increasing"),
+    (["student.num_layers=0"], r"student num_layers=0 is invalid: expected an integer from 1 to 2"),
+    (["student=l6"], r"student 'l6': .* has 6 entries but the teacher has only 2 layers"),
+    (["optim.lr=0"], r"optim.lr=0 is not accepted: expected a number > 0"),
+    (["optim.lr=-1e-3"], r"optim.lr=-0.001 is not accepted"),
+    (["quantize.lr=0"], r"quantize.lr=0 is not accepted: expected a number > 0"),
+    (["data.batch_size=0"], r"data.batch_size=0 is not accepted: expected an integer >= 1"),
+    (["data.max_length=0"], r"data.max_length=0 is not accepted: expected an integer >= 1"),
+    (["data.max_length=-5"], r"data.max_length=-5 is not accepted"),
+    (["+unknown_key=1"], r"unknown config key 'unknown_key' \(added with \+\?\); top-level keys are: augment, checkpoint"),
+    (["+data.batchsize=8"], r"unknown config key 'data.batchsize'; data has: batch_size"),
+    (["progress=fancy"], r"progress='fancy' is not accepted; choose one of: auto, bar, plain"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_CONFIGS, ids=[b[0][0] for b in BAD_CONFIGS])
+def test_bad_config_values_are_refused_by_check_config(tmp_path, tiny_bert_dir, overrides, message):
+    from conftest import compose_job_config
+    from xtc_lightning.config import check_config
+
+    cfg, _ = compose_job_config(
+        ["task=rte", f"model.name_or_path={tiny_bert_dir}", *overrides], tmp_path / "run"
+    )
+    with pytest.raises(UserError, match=message) as err:
+        check_config(cfg)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("preset", ["quickstart", "xtc_l6_w1a8"])
+def test_presets_and_defaults_pass_check_config(tmp_path, tiny_bert12_dir, preset):
+    from conftest import compose_job_config
+    from xtc_lightning.config import check_config
+
+    for overrides in ([], [f"experiment={preset}", f"model.name_or_path={tiny_bert12_dir}"]):
+        cfg, _ = compose_job_config(overrides, tmp_path / "run")
+        check_config(cfg)
+
+
+def test_bad_student_is_refused_before_the_teacher_trains(tmp_path, glue_dir, tiny_bert_dir):
+    proc = run_train(tiny_args(tiny_bert_dir, "student.layers=[0,99]"), tmp_path, glue_dir)
+    one_error(proc, r"invalid index 99: expected integers from 0 to 1 \(the teacher has 2 layers")
+    assert not list(tmp_path.glob("runs/*/*/teacher")) and not (tmp_path / "cache" / "teachers").exists()

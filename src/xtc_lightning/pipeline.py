@@ -30,6 +30,7 @@ from transformers.utils import logging as transformers_logging
 
 from xtc_lightning.augment import AugmentConfig, augment_train_set, check_masked_lm
 from xtc_lightning.callbacks import FiniteLoss, LastCheckpoint, PlainProgress, RngState, want_progress_bar
+from xtc_lightning.config import STAGES, check_config
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.distill import check_distill_config, enable_attention_scores
 from xtc_lightning.distributed import barrier, finish, is_rank_zero
@@ -60,7 +61,6 @@ from xtc_lightning.tasks import GlueTask, get_task
 
 log = logging.getLogger("xtc_lightning")
 
-STAGES = ("teacher", "reduce", "quantize", "export")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 # Trainer settings that change what is logged, not what is learned.
 NOT_SHAPING = {"log_every_n_steps", "num_sanity_val_steps"}
@@ -448,8 +448,7 @@ def run(cfg: DictConfig) -> dict:
     In a run folder that already holds finished stages or checkpoints, continue that run
     (``resume``)."""
     quiet_library_logs()
-    if cfg.stage not in STAGES:
-        raise UserError(f"unknown stage '{cfg.stage}'; choose one of: {', '.join(STAGES)}")
+    check_config(cfg)
     task = get_task(cfg.task.name)
     # Validate every group before any work: a bad value fails in one line, nothing written.
     quant = QuantConfig.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
