@@ -180,3 +180,31 @@ def test_bad_student_is_refused_before_the_teacher_trains(tmp_path, glue_dir, ti
     proc = run_train(tiny_args(tiny_bert_dir, "student.layers=[0,99]"), tmp_path, glue_dir)
     one_error(proc, r"invalid index 99: expected integers from 0 to 1 \(the teacher has 2 layers")
     assert not list(tmp_path.glob("runs/*/*/teacher")) and not (tmp_path / "cache" / "teachers").exists()
+
+
+# ----------------------------------------------------------------------------- 3. deterministic stages
+
+
+def test_quantize_is_bit_identical_after_fresh_and_cached_teacher_and_reduce(
+    tmp_path, glue_dir, tiny_bert_dir
+):
+    from conftest import compose_job_config
+    from xtc_lightning import pipeline
+
+    overrides = [
+        *tiny_args(tiny_bert_dir, "student.num_layers=1", "quant=binary", "stage=quantize"),
+        f"data.dir={glue_dir}", f"paths.root_dir={tmp_path}", "num_threads=1", "progress=plain",
+        "checkpoint.every_n_train_steps=null",
+    ]  # fmt: skip
+    states = []
+    for name in ("fresh", "cached"):
+        cfg, _ = compose_job_config(overrides, tmp_path / name)
+        results = pipeline.run(cfg)
+        assert bool(results["stages"]["teacher"].get("cached")) == (name == "cached")
+        assert bool(results["stages"]["reduce"].get("cached")) == (name == "cached")
+        ckpt = torch.load(tmp_path / name / "quantize" / "checkpoints" / "last.ckpt", weights_only=True)
+        states.append(ckpt["state_dict"])
+    fresh, cached = states
+    assert fresh.keys() == cached.keys() and len(fresh) > 10
+    different = [k for k in fresh if not torch.equal(fresh[k], cached[k])]
+    assert not different, different[:5]

@@ -8,6 +8,7 @@ others, so that no value is first looked at hours into a run. Checks read files 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -130,3 +131,12 @@ def check_config(cfg: DictConfig) -> None:
     """Every check of ``CHECKS`` in order; the first bad value raises a one-line ``UserError``."""
     for check in CHECKS:
         check(cfg)
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """The seed a stage starts from: a hash of the run's ``seed`` and the stage name, in [0, 2**31).
+
+    Every stage re-seeds at its start, so its result depends on its inputs only, never on what ran
+    before it in the process (a teacher trained here or taken from the cache draws differently)."""
+    digest = hashlib.sha256(f"{seed}:{stage}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

@@ -30,7 +30,7 @@ from transformers.utils import logging as transformers_logging
 
 from xtc_lightning.augment import AugmentConfig, augment_train_set, check_masked_lm
 from xtc_lightning.callbacks import FiniteLoss, LastCheckpoint, PlainProgress, RngState, want_progress_bar
-from xtc_lightning.config import STAGES, check_config
+from xtc_lightning.config import STAGES, check_config, stage_seed
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.distill import check_distill_config, enable_attention_scores
 from xtc_lightning.distributed import barrier, finish, is_rank_zero
@@ -234,6 +234,11 @@ def publish_to_cache(cache: Path, result: dict, model, tokenizer) -> dict:
     return result
 
 
+def seed_stage(cfg: DictConfig, stage: str) -> None:
+    """Seed every generator from ``seed`` and the stage name, before the stage draws anything."""
+    L.seed_everything(stage_seed(cfg.seed, stage), workers=True, verbose=False)
+
+
 def record_stage(run_dir: Path, result: dict) -> dict:
     """``<stage>/result.json``: the stage is finished in this run folder (rank 0 writes)."""
     if is_rank_zero():
@@ -262,6 +267,7 @@ def _teacher(cfg: DictConfig, task: GlueTask, datamodule: GlueDataModule, run_di
     cached = from_cache(cache, "teacher", run_dir / "teacher", task.dev_splits)
     if cached is not None:
         return cached
+    seed_stage(cfg, "teacher")
     model = load_classifier(cfg.model, task)
     module = ClassifierModule(model, task.name, OmegaConf.to_container(cfg.optim), cfg.teacher.lr)
     result = fit_and_evaluate(cfg, "teacher", module, datamodule, run_dir, cfg.teacher.max_epochs)
@@ -364,6 +370,7 @@ def reduce_stage(
     if cached is not None:
         student = enable_attention_scores(load_classifier(cfg.model, task, name_or_path=cached["model_dir"]))
         return record_stage(run_dir, cached), student
+    seed_stage(cfg, "reduce")
     student = build_student(teacher, layers)
     result = student_stage(cfg, "reduce", task, datamodule, run_dir, teacher, student, layers, None)
     return record_stage(run_dir, publish_to_cache(cache, result, student, tokenizer)), student
@@ -540,6 +547,7 @@ def run_stages(
         if wanted >= 2 and quant.enabled:
             done = finished_stage(run_dir, "quantize")
             if done is None:
+                seed_stage(cfg, "quantize")
                 apply_quantization(student, quant)
                 log.info("quantized modules:\n%s", quantization_summary(student).text)
                 done = record_stage(
