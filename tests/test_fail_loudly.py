@@ -208,3 +208,60 @@ def test_quantize_is_bit_identical_after_fresh_and_cached_teacher_and_reduce(
     assert fresh.keys() == cached.keys() and len(fresh) > 10
     different = [k for k in fresh if not torch.equal(fresh[k], cached[k])]
     assert not different, different[:5]
+
+
+# ----------------------------------------------------------------------------- 4 and 7. the run folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, glue_dir, tiny_bert_dir) -> tuple[Path, list[str]]:
+    """A finished tiny teacher-only run in a known folder, and its arguments."""
+    root = tmp_path_factory.mktemp("teacher_run")
+    args = [*tiny_args(tiny_bert_dir, "stage=teacher"), f"hydra.run.dir={root / 'run'}"]
+    proc = run_train(args, root, glue_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run", args
+
+
+def test_refused_continuation_leaves_the_folder_byte_for_byte(tmp_path, glue_dir, teacher_run):
+    run, args = teacher_run
+    before = snapshot(run)
+    assert {".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "results.json"} <= set(before)
+    proc = run_train([*args, "data.max_length=48"], run.parent, glue_dir)
+    one_error(proc, r"was started with another config: data.max_length=32->48")
+    assert snapshot(run) == before
+
+
+def test_refused_fresh_run_leaves_no_folder(tmp_path, glue_dir, tiny_bert_dir):
+    for i, (bad, message) in enumerate(
+        (
+            ("optim.lr=0", "optim.lr=0 is not accepted"),
+            ("task=qnli", "QNLI/train.tsv not found"),
+        )
+    ):
+        run = tmp_path / f"run{i}"
+        proc = run_train([*tiny_args(tiny_bert_dir), bad, f"hydra.run.dir={run}"], tmp_path, glue_dir)
+        one_error(proc, message)
+        assert not run.exists()
+    proc = run_train([*tiny_args(tiny_bert_dir), "data.max_length=0"], tmp_path, glue_dir)
+    one_error(proc, "data.max_length=0 is not accepted")
+    assert not list(tmp_path.glob("runs/*/*"))
+
+
+def test_a_second_process_on_a_run_folder_is_refused(tmp_path, glue_dir, teacher_run):
+    import fcntl
+
+    run, args = teacher_run
+    before = snapshot(run)
+    with open(run / ".lock") as held:  # as the first process holds it while it runs
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_train(args, run.parent, glue_dir)
+    one_error(proc, rf"run folder {re.escape(str(run))} is in use by another running process")
+    assert snapshot(run) == before
+    # the holder is gone (the kernel dropped its lock): the folder is usable again
+    proc = run_train(args, run.parent, glue_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -50,10 +50,15 @@ def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     from xtc_lightning import pipeline
+    from xtc_lightning.resume import CONFIG_FILE
+    from xtc_lightning.runfolder import discard_unstarted, is_fresh
 
+    run_dir = Path(cfg.paths.output_dir)
+    fresh = is_fresh(run_dir)
     try:
         results = pipeline.run(cfg)
     except UserError as err:
+        discard_unstarted(run_dir, fresh, CONFIG_FILE)  # a refused start leaves no folder behind
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     return results["score"]  # the optimized metric, for Hydra sweepers

@@ -56,6 +56,7 @@ from xtc_lightning.resume import (
     resume_checkpoint,
     stage_record_path,
 )
+from xtc_lightning.runfolder import lock_run_folder, save_hydra_files, start_log_files
 from xtc_lightning.student import build_student, layers_from_config
 from xtc_lightning.tasks import GlueTask, get_task
 
@@ -470,6 +471,8 @@ def run(cfg: DictConfig) -> dict:
         )
     check_scale_config(cfg)
     run_dir = Path(cfg.paths.output_dir).resolve()
+    if is_rank_zero():
+        lock_run_folder(run_dir)  # one writer per run folder, for the rest of this process
     resuming = check_resume(cfg, run_dir)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -496,6 +499,8 @@ def run(cfg: DictConfig) -> dict:
         tmp = run_dir / f".{CONFIG_FILE}.tmp{os.getpid()}"
         OmegaConf.save(cfg, tmp, resolve=True)
         os.replace(tmp, run_dir / CONFIG_FILE)  # other ranks may read it (resume check)
+        save_hydra_files(run_dir, cfg)
+    start_log_files()
     if resuming:
         log.info("resuming the run in %s", run_dir)
     with wandb_run(cfg, run_dir) as record_in_wandb:
