@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,123 @@ def test_a_second_process_on_a_run_folder_is_refused(tmp_path, glue_dir, teacher
     # the holder is gone (the kernel dropped its lock): the folder is usable again
     proc = run_train(args, run.parent, glue_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- 5. one line, not a traceback
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "sentence1\tsentence2\tlabel\nA man.\tA person.\tentailment\n".encode("utf-16"),
+        bytes(range(256)) * 4,
+    ],
+    ids=["utf16", "binary"],
+)
+def test_non_utf8_tsv_is_named_as_not_utf8_text(tmp_path, content):
+    from xtc_lightning.data import read_local_split
+    from xtc_lightning.tasks import get_task
+
+    (tmp_path / "RTE").mkdir()
+    (tmp_path / "RTE" / "train.tsv").write_bytes(content)
+    with pytest.raises(UserError, match=r"RTE/train.tsv: not UTF-8 text \(.* at byte \d+\)"):
+        read_local_split(get_task("rte"), tmp_path, "train")
+
+
+def test_utf16_tsv_run_fails_in_one_line(tmp_path, glue_dir, tiny_bert_dir):
+    data = tmp_path / "glue"
+    shutil.copytree(glue_dir / "RTE", data / "RTE")
+    train = data / "RTE" / "train.tsv"
+    train.write_bytes(train.read_text().encode("utf-16"))
+    proc = run_train([*tiny_args(tiny_bert_dir), f"data.dir={data}"], tmp_path, None)
+    one_error(proc, rf"{re.escape(str(train))}: not UTF-8 text")
+
+
+def _model_cfg(path: Path):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"name_or_path": str(path), "trust_remote_code": False})
+
+
+def test_truncated_model_safetensors_is_one_line(tmp_path, tiny_bert_dir):
+    from xtc_lightning.models import load_classifier
+    from xtc_lightning.tasks import get_task
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    data = (model / "model.safetensors").read_bytes()
+    for cut in (4, 1000, len(data) // 2):
+        (model / "model.safetensors").write_bytes(data[:cut])
+        with pytest.raises(
+            UserError, match=r"safetensors weights are corrupt or truncated|cannot load the model"
+        ):
+            load_classifier(_model_cfg(model), get_task("rte"))
+
+
+def test_pickle_only_model_folder_is_refused_in_one_line(tmp_path, tiny_bert_dir):
+    from safetensors.torch import load_file
+
+    from xtc_lightning.models import load_classifier
+    from xtc_lightning.tasks import get_task
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    torch.save(load_file(model / "model.safetensors"), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    with pytest.raises(
+        UserError,
+        match=r"holds only pickle weights \(pytorch_model.bin\); only safetensors weights are loaded",
+    ):
+        load_classifier(_model_cfg(model), get_task("rte"))
+
+
+def test_model_types_without_padding_or_classifier_head_are_refused(tmp_path, tiny_bert_dir):
+    from transformers import GPT2Config, ViTConfig
+
+    from conftest import compose_job_config
+    from xtc_lightning.config import check_config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100).save_pretrained(tmp_path / "gpt2")
+    ViTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2).save_pretrained(tmp_path / "vit")
+    for name, message in (
+        ("gpt2", r"model '.*gpt2' \('gpt2'\) has no padding token \(pad_token_id\)"),
+        ("vit", r"model '.*vit' is a 'vit' model, which has no sequence-classification head"),
+    ):
+        cfg, _ = compose_job_config([f"model.name_or_path={tmp_path / name}"], tmp_path / "run")
+        with pytest.raises(UserError, match=message):
+            check_config(cfg)
+
+
+def test_read_only_run_folder_is_one_line(tmp_path, monkeypatch):
+    from xtc_lightning import runfolder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(runfolder.os, "access", lambda path, mode: False)  # root ignores chmod
+    with pytest.raises(
+        UserError, match=rf"run folder {re.escape(str(run))} is not writable: Permission denied"
+    ):
+        runfolder.lock_run_folder(run)
+
+
+def test_checkpoint_cut_short_never_remains_under_its_final_name(tmp_path):
+    from types import SimpleNamespace
+
+    from xtc_lightning.callbacks import LastCheckpoint
+
+    def full_disk(path, weights_only):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    trainer = SimpleNamespace(
+        sanity_checking=False,
+        state=SimpleNamespace(fn="fit"),
+        save_checkpoint=full_disk,
+        is_global_zero=True,
+        global_step=3,
+    )
+    callback = LastCheckpoint(tmp_path, every_n_train_steps=None)
+    (tmp_path / "last.ckpt").write_bytes(b"the previous complete checkpoint")
+    with pytest.raises(OSError, match="No space left"):
+        callback.on_train_epoch_end(trainer, None)
+    assert (tmp_path / "last.ckpt").read_bytes() == b"the previous complete checkpoint"

@@ -88,8 +88,14 @@ class LastCheckpoint(Checkpoint):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         # The full state, to resume from (said explicitly: Lightning logs a line per save otherwise);
-        # rank 0 writes (temp file + rename), all ranks sync.
-        trainer.save_checkpoint(self.path, weights_only=False)
+        # rank 0 writes, all ranks sync. Written under a temporary name in the same folder and renamed
+        # (fsspec's own temp file may live on another filesystem, where its move is a plain copy): a
+        # save cut short (full disk, kill) never leaves a partial file named last.ckpt.
+        tmp = self.path + ".tmp"
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier("LastCheckpoint")
         self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

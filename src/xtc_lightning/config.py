@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from xtc_lightning.errors import UserError
+from xtc_lightning.resume import RESUME_CHOICES
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 STAGES = ("teacher", "reduce", "quantize", "export")
@@ -71,13 +72,15 @@ def _positive_int(name: str, value, *, allow_none: bool = False) -> None:
 
 
 def check_run_keys(cfg: DictConfig) -> None:
-    """``stage``, ``progress``, ``seed``."""
+    """``stage``, ``progress``, ``seed``, ``resume``."""
     if cfg.stage not in STAGES:
         raise UserError(f"unknown stage '{cfg.stage}'; choose one of: {', '.join(STAGES)}")
     if cfg.progress not in PROGRESS:
         raise UserError(f"progress={cfg.progress!r} is not accepted; choose one of: {', '.join(PROGRESS)}")
     if not _is_int(cfg.seed):
         raise UserError(f"seed={cfg.seed!r} is not accepted: expected an integer")
+    if cfg.resume not in RESUME_CHOICES:
+        raise UserError(f"resume '{cfg.resume}' is not accepted; choose one of: auto, true, false")
 
 
 def check_optimization(cfg: DictConfig) -> None:
@@ -90,21 +93,52 @@ def check_optimization(cfg: DictConfig) -> None:
     _positive_int("data.max_length", cfg.data.max_length)
 
 
-def teacher_depth(cfg: DictConfig) -> int | None:
-    """The teacher's number of encoder layers from its ``config.json`` (no weights loaded), or
-    None when it cannot be read here (a hub id not in the local cache: checked when loaded)."""
+def model_config(cfg: DictConfig):
+    """The HF config of the model the run starts from (``teacher.checkpoint`` or ``model``), read
+    from its ``config.json`` without loading weights; None when it cannot be read here (a hub id
+    not in the local cache, a missing folder: reported when the model is loaded)."""
     from transformers import AutoConfig
 
-    from xtc_lightning.models import num_layers_of, resolve_name_or_path
+    from xtc_lightning.models import resolve_name_or_path
 
     source = cfg.teacher.checkpoint or resolve_name_or_path(cfg.model.name_or_path)
     try:
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             str(source), local_files_only=True, trust_remote_code=cfg.model.trust_remote_code
         )
-        return num_layers_of(config)
     except Exception:  # noqa: BLE001 -- any unreadable source is reported when it is loaded
         return None
+
+
+def teacher_depth(cfg: DictConfig) -> int | None:
+    """The teacher's number of encoder layers from its ``config.json``, or None (see ``model_config``)."""
+    from xtc_lightning.models import num_layers_of
+
+    config = model_config(cfg)
+    try:
+        return None if config is None else num_layers_of(config)
+    except UserError:
+        return None
+
+
+def check_model_type(cfg: DictConfig) -> None:
+    """The model type has a sequence-classification head and a padding token (batches are padded)."""
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    config = model_config(cfg)
+    if config is None:
+        return
+    name = cfg.teacher.checkpoint or cfg.model.name_or_path
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise UserError(
+            f"model '{name}' is a '{config.model_type}' model, which has no sequence-classification head "
+            "in transformers; use an encoder such as BERT, RoBERTa or DistilBERT"
+        )
+    if getattr(config, "pad_token_id", None) is None:
+        raise UserError(
+            f"model '{name}' ('{config.model_type}') has no padding token (pad_token_id); "
+            "batches are padded: use an encoder such as BERT, RoBERTa or DistilBERT"
+        )
 
 
 def check_student(cfg: DictConfig) -> None:
@@ -123,6 +157,7 @@ CHECKS: tuple[Callable[[DictConfig], None], ...] = (
     check_known_keys,
     check_run_keys,
     check_optimization,
+    check_model_type,
     check_student,
 )
 
