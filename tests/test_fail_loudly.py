@@ -386,3 +386,24 @@ def test_checkpoint_cut_short_never_remains_under_its_final_name(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         callback.on_train_epoch_end(trainer, None)
     assert (tmp_path / "last.ckpt").read_bytes() == b"the previous complete checkpoint"
+
+
+# ----------------------------------------------------------------------------- 8. typos
+
+
+def test_typo_in_a_key_is_one_line_with_the_nearest_key(tmp_path):
+    proc = run_train(["tsak=sst2"], tmp_path)
+    one_error(proc, r"unknown config key 'tsak' in 'tsak=sst2'; did you mean 'task'\?")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_override_keys_check_passes_hydra_grammar_and_names_nested_typos():
+    from xtc_lightning.cli import check_override_keys
+
+    check_override_keys(["-m", "task=rte,mrpc", "optim.lr=1e-3", "hydra.run.dir=x", "hydra/launcher=slurm",
+                         "+foo=1", "~data.dir", "trainer.max_epochs=1", "experiment=null"])  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"unknown config key 'data.batchsize' in 'data.batchsize=8'; did you mean 'data.batch_size'\?",
+    ):
+        check_override_keys(["data.batchsize=8"])
