@@ -570,6 +570,22 @@ def test_export_run_refuses_bad_run_folders(tmp_path, finished_run):
         export_run(broken)
 
 
+def test_export_reads_the_folder_it_is_given_not_the_recorded_one(tmp_path, finished_run):
+    """A copied run folder whose checkpoints were deleted is refused, never exported from the original."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy, ignore=shutil.ignore_patterns("export"))
+    shutil.rmtree(copy / "quantize" / "checkpoints")
+    assert list((finished_run / "quantize" / "checkpoints").glob("*.ckpt"))  # the original still has them
+    with pytest.raises(
+        UserError,
+        match=rf"{copy}: the quantize stage's checkpoint '{copy}/quantize/checkpoints/.*' is missing",
+    ):
+        export_run(copy, hf=False, evaluate=False)
+    assert not (copy / "export").exists()
+
+
 def test_export_run_of_an_fp32_final_stage(tmp_path, finished_run):
     """A run that stopped after the reduce stage exports that stage's model, unquantized."""
     run = tmp_path / "reduce-only"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -10,6 +11,8 @@ import time
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
+
+from xtc_lightning.errors import UserError
 
 log = logging.getLogger("xtc_lightning")
 
@@ -85,8 +88,14 @@ class LastCheckpoint(Checkpoint):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         # The full state, to resume from (said explicitly: Lightning logs a line per save otherwise);
-        # rank 0 writes (temp file + rename), all ranks sync.
-        trainer.save_checkpoint(self.path, weights_only=False)
+        # rank 0 writes, all ranks sync. Written under a temporary name in the same folder and renamed
+        # (fsspec's own temp file may live on another filesystem, where its move is a plain copy): a
+        # save cut short (full disk, kill) never leaves a partial file named last.ckpt.
+        tmp = self.path + ".tmp"
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier("LastCheckpoint")
         self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -113,3 +122,38 @@ class RngState(L.Callback):
         torch.set_rng_state(state_dict["torch"])
         if state_dict["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class FiniteLoss(L.Callback):
+    """Stop the stage with a one-line ``UserError`` at the first optimizer step whose loss is not
+    finite, naming the stage, the step and every logged ``train/*`` loss that is NaN or inf.
+
+    Runs before the checkpoint callbacks (Lightning orders ``Checkpoint`` subclasses last), so the
+    diverged weights are never saved. The decision uses the logged values, which are averaged over
+    the processes: every rank of a DDP run stops at the same step.
+    """
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        losses = _step_losses(trainer)
+        if not losses and isinstance(outputs, dict) and "loss" in outputs:
+            losses = {"train/loss": float(outputs["loss"])}
+        bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+        if bad:
+            shown = ", ".join(f"{name}={value}" for name, value in bad.items())
+            raise UserError(
+                f"{self.stage}: the loss went non-finite at step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}): {shown}; lower {self.stage}.lr or check the data"
+            )
+
+
+def _step_losses(trainer) -> dict[str, float]:
+    """This step's logged ``train/*`` values (``callback_metrics`` is refreshed only after the
+    ``on_train_batch_end`` hooks, so it would still hold the previous step's)."""
+    try:
+        metrics = trainer._logger_connector.metrics["callback"]
+    except (AttributeError, AssertionError, KeyError):
+        metrics = {}
+    return {k: float(v) for k, v in metrics.items() if k.startswith("train/") and not k.endswith("_epoch")}

@@ -48,7 +48,14 @@ def read_local_split(task: GlueTask, glue_dir: str | Path, split: str) -> Exampl
     if not path.is_file():
         raise UserError(f"{task.name}: split file {path} not found (data.dir must hold the glue_data layout)")
     raw = path.read_bytes()
-    lines = raw.decode("utf-8-sig").split("\n")
+    try:
+        if b"\x00" in raw:  # UTF-16 text or a binary file
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+        lines = raw.decode("utf-8-sig").split("\n")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); GLUE files are UTF-8 tab-separated text"
+        ) from None
     if lines and lines[-1] == "":
         lines.pop()
     if task.has_header:
@@ -73,7 +80,7 @@ def read_local_split(task: GlueTask, glue_dir: str | Path, split: str) -> Exampl
         try:
             labels.append(parse_label(task, fields[label_pos]))
         except ValueError:
-            accepted = task.label_names or "a number"
+            accepted = task.label_names or "a finite number"
             raise UserError(
                 f"{path}:{lineno}: bad label '{fields[label_pos]}' (accepted: {accepted})"
             ) from None

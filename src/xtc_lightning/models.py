@@ -89,9 +89,27 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"total": total, "encoder_layers": in_layers, "other": total - in_layers}
 
 
+def check_weights_format(name_or_path: str) -> None:
+    """A local model folder must hold safetensors weights: a pickle ``pytorch_model.bin`` can run
+    code when loaded, so it is refused (convert it with ``save_pretrained(safe_serialization=True)``)."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir() and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
+        raise UserError(
+            f"model folder '{name_or_path}' holds only pickle weights ({next(folder.glob('*.bin')).name}); "
+            "only safetensors weights are loaded (model.safetensors)"
+        )
+
+
 def _from_pretrained(factory, name_or_path: str, what: str, **kwargs):
+    from safetensors import SafetensorError
+
     try:
         return factory.from_pretrained(name_or_path, **kwargs)
+    except SafetensorError as err:  # a truncated or corrupt model.safetensors
+        raise UserError(
+            f"cannot load the {what} from '{name_or_path}': its safetensors weights are corrupt or "
+            f"truncated ({str(err).splitlines()[0]})"
+        ) from None
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the {what} from '{name_or_path}': {first}") from None
@@ -112,6 +130,7 @@ def load_classifier(model_cfg, task, name_or_path: str | None = None) -> nn.Modu
     from transformers import AutoModelForSequenceClassification
 
     path = name_or_path or resolve_name_or_path(model_cfg.name_or_path)
+    check_weights_format(path)
     labels = task.label_names or ("score",)
     return _from_pretrained(
         AutoModelForSequenceClassification,
@@ -123,4 +142,5 @@ def load_classifier(model_cfg, task, name_or_path: str | None = None) -> nn.Modu
         label2id={name: i for i, name in enumerate(labels)},
         attn_implementation="eager",
         trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=True,
     )

@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
 from xtc_lightning.augment import AugmentConfig, augment_train_set, check_masked_lm
-from xtc_lightning.callbacks import LastCheckpoint, PlainProgress, RngState, want_progress_bar
+from xtc_lightning.callbacks import FiniteLoss, LastCheckpoint, PlainProgress, RngState, want_progress_bar
+from xtc_lightning.config import STAGES, check_config, stage_seed
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.distill import check_distill_config, enable_attention_scores
 from xtc_lightning.distributed import barrier, finish, is_rank_zero
@@ -37,6 +38,7 @@ from xtc_lightning.errors import UserError
 from xtc_lightning.export import SizeReport, export_run
 from xtc_lightning.export.format import STORED_DTYPES
 from xtc_lightning.export.run import EXPORT_DIR
+from xtc_lightning.finite import check_finite_weights, first_nonfinite
 from xtc_lightning.loggers import stage_loggers, wandb_run
 from xtc_lightning.models import (
     check_model_source,
@@ -55,20 +57,24 @@ from xtc_lightning.resume import (
     resume_checkpoint,
     stage_record_path,
 )
+from xtc_lightning.runfolder import lock_run_folder, save_hydra_files, start_log_files
 from xtc_lightning.student import build_student, layers_from_config
 from xtc_lightning.tasks import GlueTask, get_task
 
 log = logging.getLogger("xtc_lightning")
 
-STAGES = ("teacher", "reduce", "quantize", "export")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 # Trainer settings that change what is logged, not what is learned.
 NOT_SHAPING = {"log_every_n_steps", "num_sanity_val_steps"}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    """``data`` as JSON (temp file, rename); a NaN or inf anywhere in it is a one-line error."""
+    bad = first_nonfinite(data)
+    if bad is not None:
+        raise UserError(f"{path}: '{bad}' is not finite; nothing non-finite is recorded as a result")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -106,7 +112,7 @@ def make_trainer(
         mode="max",
     )
     last = LastCheckpoint(stage_dir / "checkpoints", cfg.checkpoint.every_n_train_steps)
-    callbacks = [checkpoint, last, RngState()]
+    callbacks = [FiniteLoss(stage), checkpoint, last, RngState()]
     if not bar:
         callbacks.append(PlainProgress(stage, trainer_kwargs.get("log_every_n_steps") or 50))
     loggers = stage_loggers(cfg, stage, stage_dir.parent)
@@ -225,6 +231,7 @@ def publish_to_cache(cache: Path, result: dict, model, tokenizer) -> dict:
     """Store a stage's best model (HF folder), predictions and result atomically: temp folder, rename.
 
     Rank 0 publishes; the other ranks wait for it, then all load the same published model."""
+    check_finite_weights(model, f"{result['stage']} (before caching it)")
     result["model_dir"] = str(cache / "model")
     if is_rank_zero():
         tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
@@ -242,6 +249,12 @@ def publish_to_cache(cache: Path, result: dict, model, tokenizer) -> dict:
     barrier()
     result["cached"] = False
     return result
+
+
+def seed_stage(cfg: DictConfig, stage: str, seed: int | None = None) -> None:
+    """Seed every generator from ``seed`` (default: the run's) and the stage name, before the stage
+    draws anything."""
+    L.seed_everything(stage_seed(cfg.seed if seed is None else seed, stage), workers=True, verbose=False)
 
 
 def record_stage(run_dir: Path, result: dict) -> dict:
@@ -272,6 +285,7 @@ def _teacher(cfg: DictConfig, task: GlueTask, datamodule: GlueDataModule, run_di
     cached = from_cache(cache, "teacher", run_dir / "teacher", task.dev_splits)
     if cached is not None:
         return cached
+    seed_stage(cfg, "teacher")
     model = load_classifier(cfg.model, task)
     module = ClassifierModule(model, task.name, OmegaConf.to_container(cfg.optim), cfg.teacher.lr)
     result = fit_and_evaluate(cfg, "teacher", module, datamodule, run_dir, cfg.teacher.max_epochs)
@@ -380,6 +394,7 @@ def reduce_stage(
     if cached is not None:
         student = enable_attention_scores(load_classifier(cfg.model, task, name_or_path=cached["model_dir"]))
         return record_stage(run_dir, cached), student
+    seed_stage(cfg, "reduce")
     student = build_student(teacher, layers)
     result = student_stage(cfg, "reduce", task, datamodule, run_dir, teacher, student, layers, None)
     return record_stage(run_dir, publish_to_cache(cache, result, student, tokenizer)), student
@@ -464,8 +479,7 @@ def run(cfg: DictConfig) -> dict:
     In a run folder that already holds finished stages or checkpoints, continue that run
     (``resume``)."""
     quiet_library_logs()
-    if cfg.stage not in STAGES:
-        raise UserError(f"unknown stage '{cfg.stage}'; choose one of: {', '.join(STAGES)}")
+    check_config(cfg)
     task = get_task(cfg.task.name)
     # Validate every group before any work: a bad value fails in one line, nothing written.
     quant = QuantConfig.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
@@ -482,9 +496,9 @@ def run(cfg: DictConfig) -> dict:
             f"export.other_dtype '{cfg.export.other_dtype}' is not accepted; choose one of: {', '.join(STORED_DTYPES)}"
         )
     check_scale_config(cfg)
-    if isinstance(cfg.quantize.seed, bool) or not isinstance(cfg.quantize.seed, int):
-        raise UserError(f"quantize.seed={cfg.quantize.seed!r} is not accepted: an integer")
     run_dir = Path(cfg.paths.output_dir).resolve()
+    if is_rank_zero():
+        lock_run_folder(run_dir)  # one writer per run folder, for the rest of this process
     resuming = check_resume(cfg, run_dir)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -511,6 +525,8 @@ def run(cfg: DictConfig) -> dict:
         tmp = run_dir / f".{CONFIG_FILE}.tmp{os.getpid()}"
         OmegaConf.save(cfg, tmp, resolve=True)
         os.replace(tmp, run_dir / CONFIG_FILE)  # other ranks may read it (resume check)
+        save_hydra_files(run_dir, cfg)
+    start_log_files()
     if resuming:
         log.info("resuming the run in %s", run_dir)
     with wandb_run(cfg, run_dir) as record_in_wandb:
@@ -563,9 +579,8 @@ def run_stages(
         if wanted >= 2 and quant.enabled:
             done = finished_stage(run_dir, "quantize")
             if done is None:
-                # the stage's own seed: its result depends on its inputs, not on what ran before
-                L.seed_everything(cfg.quantize.seed, workers=True, verbose=False)
-                datamodule.seed = cfg.quantize.seed
+                seed_stage(cfg, "quantize", cfg.quantize.seed)
+                datamodule.seed = cfg.quantize.seed  # its data order too
                 apply_quantization(student, quant)
                 log.info("quantized modules:\n%s", quantization_summary(student).text)
                 done = record_stage(

@@ -7,6 +7,7 @@ follow the hub dataset's order so both sources agree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from xtc_lightning.errors import UserError
@@ -104,7 +105,10 @@ def parse_label(task: GlueTask, raw: str) -> float | int:
     """
     raw = raw.strip()
     if task.is_regression:
-        return float(raw)
+        value = float(raw)
+        if not math.isfinite(value):  # a NaN label would train a NaN model
+            raise ValueError(raw)
+        return value
     if raw in task.label_names:
         return task.label_names.index(raw)
     value = int(raw)

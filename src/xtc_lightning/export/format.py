@@ -195,10 +195,12 @@ def _json(value) -> str:
 def _cast(t: Tensor, dtype: torch.dtype, what: str, nonzero: bool = False) -> Tensor:
     """A contiguous copy of ``t`` in ``dtype``; refuses values the narrower dtype cannot hold.
 
-    Overflow (finite -> inf) is refused; with ``nonzero`` also underflow to 0 (a scale that
-    vanishes would zero its whole group).
+    Non-finite values (NaN, inf: a diverged model) are refused, so is overflow (finite -> inf);
+    with ``nonzero`` also underflow to 0 (a scale that vanishes would zero its whole group).
     """
     t = t.detach().cpu()
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise UserError(f"{what}: non-finite values (NaN/inf) cannot be stored in a packed file")
     out = t.to(dtype=dtype, copy=True).contiguous()
     if t.is_floating_point() and dtype != t.dtype:
         finite = torch.isfinite(t)
@@ -346,9 +348,12 @@ def read_packed(path: str | Path) -> PackedFile:
         if unsigned.numel() and int(unsigned.max()) > max_unsigned(method, bits):
             raise UserError(f"{header.path}: tensor '{name}' has codes out of range for {method} {bits}-bit")
         zero_point = tensors.get(name + ZERO_POINT)
+        scale = tensors[name + SCALE].to(dtype)
+        if not bool(torch.isfinite(scale).all()):
+            raise UserError(f"{header.path}: tensor '{name}' has non-finite scales (NaN/inf)")
         weights[name] = WeightCodes(
             codes=from_unsigned(unsigned, method, bits).reshape(shape),
-            scale=tensors[name + SCALE].to(dtype),
+            scale=scale,
             zero_point=zero_point,
             method=method,
             bits=bits,

@@ -29,6 +29,7 @@ from xtc_lightning.export.evaluate import evaluate_packed
 from xtc_lightning.export.hf import export_hf
 from xtc_lightning.export.packed import export_packed, tokenizer_dir
 from xtc_lightning.export.size import SizeReport
+from xtc_lightning.finite import check_finite_weights
 from xtc_lightning.quant import QuantConfig, apply_quantization, set_quantization_enabled
 from xtc_lightning.tasks import get_task
 
@@ -54,6 +55,22 @@ def read_run(run_dir: Path) -> tuple[dict, object]:
     return results, OmegaConf.load(config_path)
 
 
+def in_run_folder(path: str | None, results: dict, run_dir: Path) -> Path | None:
+    """A path recorded in ``results.json``, read in the folder given rather than the one recorded:
+    relative paths are relative to ``run_dir``; absolute ones inside the folder the run was recorded
+    in (``results["run_dir"]``) are moved into ``run_dir``, so a copied or moved run folder never
+    reads the original's files. Paths outside it (the caches) stay as they are."""
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_absolute():
+        return run_dir / p
+    try:
+        return run_dir / p.relative_to(Path(results.get("run_dir") or run_dir))
+    except ValueError:
+        return p
+
+
 def _model_dir(results: dict, stage: str, path: Path) -> str:
     model_dir = results["stages"].get(stage, {}).get("model_dir")
     if not model_dir or not Path(model_dir).is_dir():
@@ -77,9 +94,9 @@ def rebuild_final_model(run_dir: Path, results: dict, cfg) -> tuple[nn.Module, Q
     student = load_classifier(cfg.model, task, name_or_path=base)
     apply_quantization(student, quant)
     checkpoints = results["stages"]["quantize"].get("checkpoints") or {}
-    ckpt_path = checkpoints.get("best") or checkpoints.get("last")
-    if not ckpt_path or not Path(ckpt_path).is_file():
-        raise UserError(f"{run_dir}: the quantize stage's checkpoint {ckpt_path!r} is missing")
+    ckpt_path = in_run_folder(checkpoints.get("best") or checkpoints.get("last"), results, run_dir)
+    if not ckpt_path or not ckpt_path.is_file():
+        raise UserError(f"{run_dir}: the quantize stage's checkpoint {str(ckpt_path)!r} is missing")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:  # not a torch file, or an object weights_only refuses
@@ -98,7 +115,7 @@ def rebuild_final_model(run_dir: Path, results: dict, cfg) -> tuple[nn.Module, Q
         )
     student.load_state_dict(state, strict=True)
     set_quantization_enabled(student, True)
-    return student.eval(), quant, base, ckpt_path
+    return student.eval(), quant, base, str(ckpt_path)
 
 
 def export_run(
@@ -119,6 +136,7 @@ def export_run(
     run_dir = Path(run_dir).resolve()
     results, cfg = read_run(run_dir)
     model, quant, base, source = rebuild_final_model(run_dir, results, cfg)
+    check_finite_weights(model, f"{source} (before exporting it)")
     tokenizer = AutoTokenizer.from_pretrained(base)
     teacher_dir = results["stages"].get("teacher", {}).get("model_dir")
     teacher_file = Path(teacher_dir or "") / "model.safetensors"
