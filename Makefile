@@ -39,7 +39,7 @@ train: $(STAMP)  ## run the quickstart XTC pipeline on the offline default (ARGS
 SWEEP ?= sweeps/grid.yaml
 
 sweep: $(STAMP)  ## run a sweep file's grid as a local Hydra multirun (SWEEP=sweeps/grid.yaml ARGS=...)
-	overrides="$$($(BIN)/python -m xtc_lightning.sweeps $(SWEEP))" && $(BIN)/python train.py -m $$overrides $(ARGS)
+	set -f; overrides="$$($(BIN)/python -m xtc_lightning.sweeps $(SWEEP))" && $(BIN)/python train.py -m $$overrides $(ARGS)
 
 test: $(STAMP)  ## run the whole test suite (offline)
 	$(BIN)/python -m pytest $(ARGS)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose_job_config, readme_commands
+from conftest import REPO, compose_job_config, readme_commands, train_command
 from xtc_lightning import pipeline
 from xtc_lightning.cli import check_group_overrides
 from xtc_lightning.errors import UserError
@@ -136,3 +136,49 @@ def test_a_bayes_sweep_is_refused_by_make_sweep_in_one_line():
     assert grid_overrides(REPO / "sweeps" / "grid.yaml")[:3] == [
         "task=cola,sst2,mrpc,stsb,rte", "quant=binary,ternary", "student=teacher,l4,l3",
     ]  # fmt: skip
+
+
+def test_sweep_list_values_become_hydra_overrides_that_compose(tmp_path):
+    """``values: [[1,3,5],[0,2,4]]`` is one sweep over two lists, and each point composes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweep = {
+        "method": "grid",
+        "parameters": {
+            "student.layers": {"values": [[1, 3, 5], [0, 2, 4]]},
+            "quantize.lr": {"values": [1e-5, 0.5]},
+            "data.dir": {"value": "/data/my glue"},
+        },
+        "command": ["${env}", "${program}", "${args_no_hyphens}", "logger=csv"],
+    }
+    path = tmp_path / "lists.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    overrides = grid_overrides(path)
+    assert overrides == [
+        "student.layers=[1,3,5],[0,2,4]", "quantize.lr=1e-05,0.5", "data.dir='/data/my glue'", "logger=csv",
+    ]  # fmt: skip
+    check_group_overrides(overrides)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    assert list(parsed[0].sweep_iterator()) == [[1, 3, 5], [0, 2, 4]]
+    assert list(parsed[1].sweep_iterator()) == [1e-5, 0.5] and parsed[2].value() == "/data/my glue"
+    for layers in parsed[0].sweep_iterator():
+        cfg, _ = compose_job_config([f"student.layers=[{','.join(map(str, layers))}]"], tmp_path)
+        assert list(cfg.student.layers) == layers
+
+
+def test_a_multirun_with_choice_glob_and_a_logger_list_runs(tmp_path, glue_dir, tiny_bert_dir):
+    """Hydra's full grammar on the command line: choice() and glob() sweeps, both loggers kept."""
+    args = [
+        "task=choice(rte,mrpc)", "quant=glob(bin*)", "logger=[csv,wandb]", "stage=teacher",
+        f"model.name_or_path={tiny_bert_dir}", "debug=limit", "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",  # not fast_dev_run: it turns the loggers off
+    ]  # fmt: skip
+    cmd, env = train_command(args, tmp_path, glue_dir)
+    cmd.insert(2, "-m")  # after train.py, before the overrides
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(tmp_path.glob("runs/*/multirun-*/*/results.json"))
+    assert sorted(json.loads(p.read_text())["task"] for p in runs) == ["mrpc", "rte"]
+    for p in runs:
+        assert (p.parent / "logs" / "teacher" / "metrics.csv").is_file()
+        assert list(p.parent.glob("wandb/offline-run-*/run-*.wandb"))
