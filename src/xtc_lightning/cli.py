@@ -13,7 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from xtc_lightning.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The packaged configs: a symlink to the repository's conf/ in a clone (edit conf/ there), real
+# files inside an installed wheel.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def _run_id() -> str:
