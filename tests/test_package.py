@@ -48,6 +48,10 @@ def test_the_wheel_ships_the_configs_and_runs_outside_the_repo(tmp_path, glue_di
     run = [*xtc_train, "task=rte", "stage=teacher", "debug=fast", f"model.name_or_path={tiny_bert_dir}"]
     proc = subprocess.run([*run, "num_threads=2"], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (results,) = elsewhere.glob("runs/rte-teacher-w1a8/*/results.json")
-    assert json.loads(results.read_text())["final_stage"] == "teacher"
+    (results,) = elsewhere.glob("runs/debug/rte-teacher-w1a8/*/results.json")  # debug runs apart
+    results = json.loads(results.read_text())
+    assert results["final_stage"] == "teacher" and results["limited"] is True
+    assert results["limits"] == {"fast_dev_run": True}
+    # one dev batch of data.eval_batch_size (64) was scored, of RTE's 277 dev rows
+    assert results["data"]["dev_examples"] == 277 and results["data"]["dev_scored"] == {"dev": 64}
     assert (elsewhere / "cache" / "teachers").is_dir()
