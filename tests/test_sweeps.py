@@ -13,7 +13,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose_job_config, readme_commands
+from conftest import REPO, compose_job_config, readme_commands, train_command
 from xtc_lightning import pipeline
 from xtc_lightning.cli import check_group_overrides
 from xtc_lightning.errors import UserError
@@ -88,7 +88,7 @@ def test_one_point_of_each_sweep_runs_a_fast_dev_run(path, tmp_path, glue_dir, t
 def test_readme_sweep_commands(tmp_path, glue_dir, tiny_bert_dir):
     """The README's four lines: the two local ones run as written (plus a tiny model, debug=fast,
     this venv and a two-point copy of the grid file); the two wandb ones name real files/projects."""
-    multirun, make, create, agent = readme_commands("## Running a sweep")
+    multirun, _, make, create, agent = readme_commands("## Running a sweep")  # optuna: below
     tiny = [f"model.name_or_path={tiny_bert_dir}", "debug=fast", "num_threads=2"]
     env = {**os.environ, "GLUE_DIR": str(glue_dir)}
 
@@ -97,7 +97,7 @@ def test_readme_sweep_commands(tmp_path, glue_dir, tiny_bert_dir):
     cmd = [sys.executable, *multirun[1:], *tiny, f"paths.root_dir={root}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted(root.glob("runs/*/multirun-*/*/results.json"))
+    runs = sorted(root.glob("runs/debug/*/multirun-*/*/results.json"))
     assert sorted(OmegaConf.load(p.parent / "config_resolved.yaml").optim.lr for p in runs) == [
         2e-5,
         5e-5,
@@ -116,7 +116,7 @@ def test_readme_sweep_commands(tmp_path, glue_dir, tiny_bert_dir):
     cmd = [*make[:2], f"SWEEP={grid}", f"ARGS={args}", f"VENV={sys.prefix}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(p.read_text()) for p in root.glob("runs/*/multirun-*/*/results.json")]
+    results = [json.loads(p.read_text()) for p in root.glob("runs/debug/*/multirun-*/*/results.json")]
     assert sorted(r["task"] for r in results) == ["mrpc", "rte"]
     assert all(r["stages"]["quantize"]["bits"]["weights"] == 1 for r in results)
     assert all(
@@ -136,3 +136,77 @@ def test_a_bayes_sweep_is_refused_by_make_sweep_in_one_line():
     assert grid_overrides(REPO / "sweeps" / "grid.yaml")[:3] == [
         "task=cola,sst2,mrpc,stsb,rte", "quant=binary,ternary", "student=teacher,l4,l3",
     ]  # fmt: skip
+
+
+def test_sweep_list_values_become_hydra_overrides_that_compose(tmp_path):
+    """``values: [[1,3,5],[0,2,4]]`` is one sweep over two lists, and each point composes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweep = {
+        "method": "grid",
+        "parameters": {
+            "student.layers": {"values": [[1, 3, 5], [0, 2, 4]]},
+            "quantize.lr": {"values": [1e-5, 0.5]},
+            "data.dir": {"value": "/data/my glue"},
+        },
+        "command": ["${env}", "${program}", "${args_no_hyphens}", "logger=csv"],
+    }
+    path = tmp_path / "lists.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    overrides = grid_overrides(path)
+    assert overrides == [
+        "student.layers=[1,3,5],[0,2,4]", "quantize.lr=1e-05,0.5", "data.dir='/data/my glue'", "logger=csv",
+    ]  # fmt: skip
+    check_group_overrides(overrides)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    assert list(parsed[0].sweep_iterator()) == [[1, 3, 5], [0, 2, 4]]
+    assert list(parsed[1].sweep_iterator()) == [1e-5, 0.5] and parsed[2].value() == "/data/my glue"
+    for layers in parsed[0].sweep_iterator():
+        cfg, _ = compose_job_config([f"student.layers=[{','.join(map(str, layers))}]"], tmp_path)
+        assert list(cfg.student.layers) == layers
+
+
+def test_a_multirun_with_choice_glob_and_a_logger_list_runs(tmp_path, glue_dir, tiny_bert_dir):
+    """Hydra's full grammar on the command line: choice() and glob() sweeps, both loggers kept."""
+    args = [
+        "task=choice(rte,mrpc)", "quant=glob(bin*)", "logger=[csv,wandb]", "stage=teacher",
+        f"model.name_or_path={tiny_bert_dir}", "debug=limit", "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",  # not fast_dev_run: it turns the loggers off
+    ]  # fmt: skip
+    cmd, env = train_command(args, tmp_path, glue_dir)
+    cmd.insert(2, "-m")  # after train.py, before the overrides
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(tmp_path.glob("runs/debug/*/multirun-*/*/results.json"))
+    assert sorted(json.loads(p.read_text())["task"] for p in runs) == ["mrpc", "rte"]
+    for p in runs:
+        assert (p.parent / "logs" / "teacher" / "metrics.csv").is_file()
+        assert list(p.parent.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_optuna_search_runs_two_trials_offline(tmp_path, glue_dir, tiny_bert_dir):
+    """hparams_search=optuna: a local TPE search over sweeps/bayes.yaml's space maximizing `score`."""
+    bayes = load(REPO / "sweeps" / "bayes.yaml")["parameters"]
+    readme = readme_commands("## Running a sweep")[1]  # as written, plus a tiny model and 2 trials
+    assert readme[:4] == ["python", "train.py", "-m", "hparams_search=optuna"]
+    tiny = [f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", "debug=fast"]
+    args = [*readme[3:], "hydra.sweeper.n_trials=2", *tiny]
+    cmd, env = train_command(args, tmp_path, glue_dir)
+    cmd.insert(2, "-m")
+    env["WANDB_MODE"] = "disabled"
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep_dir,) = tmp_path.glob("runs/debug/*/multirun-*")
+    trials = sorted(sweep_dir.glob("*/results.json"))
+    assert [p.parent.name for p in trials] == ["0", "1"]
+    scores, points = [], []
+    for path in trials:
+        scores.append(json.loads(path.read_text())["score"])
+        cfg = OmegaConf.load(path.parent / "config_resolved.yaml")
+        point = {key: OmegaConf.select(cfg, key) for key, spec in bayes.items() if "min" in spec}
+        for key, value in point.items():
+            assert bayes[key]["min"] <= value <= bayes[key]["max"], (key, value)
+        points.append(point)
+    assert len(points[0]) == 5 and points[0] != points[1]  # the same five parameters, two samples
+    best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    assert best.best_value == max(scores) and set(best.best_params) == set(points[0])

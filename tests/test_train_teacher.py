@@ -39,10 +39,18 @@ def test_teacher_stage_on_real_mrpc_with_tiny_bert(tmp_path, glue_dir, tiny_bert
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = run_dirs(tmp_path)
     results = json.loads((run / "results.json").read_text())
-    assert results["task"] == "mrpc" and results["data"] == {"train_examples": 96, "dev_examples": 408}
+    assert results["task"] == "mrpc" and results["data"] == {
+        "train_examples": 96,
+        "dev_examples": 408,
+        "dev_scored": {"dev": 408},
+    }
+    assert results["limited"] is False and results["limits"] == {}
     teacher = results["stages"]["teacher"]
     assert teacher["cached"] is False
-    assert Path(teacher["checkpoints"]["best"]).is_file() and Path(teacher["checkpoints"]["last"]).is_file()
+    # finished: the selected model is in the cache, the full-state checkpoints are gone
+    assert teacher["selected_checkpoint"].startswith("best-epoch") and teacher["steps"] == 2 * 3
+    assert (Path(teacher["model_dir"]) / "model.safetensors").is_file()
+    assert not list(run.glob("teacher/checkpoints")) and not list(run.rglob("*.ckpt"))
     assert teacher["params"]["total"] > 0 and teacher["num_layers"] == 2
     # The reported metrics are reproduced from the predictions file by an independent computation.
     index, preds, labels = read_predictions(results["predictions"]["dev"])

@@ -8,11 +8,14 @@ import time
 from pathlib import Path
 
 import hydra
+from hydra.core.override_parser.types import Glob, IntervalSweep
 from omegaconf import DictConfig, OmegaConf
 
 from xtc_lightning.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The packaged configs: a symlink to the repository's conf/ in a clone (edit conf/ there), real
+# files inside an installed wheel.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def _run_id() -> str:
@@ -29,21 +32,55 @@ if not OmegaConf.has_resolver("xtc_run_id"):
     OmegaConf.register_new_resolver("xtc_run_id", lambda: _RUN_ID)
 
 
-def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Reject ``group=value`` overrides naming a value that has no ``conf/<group>/<value>.yaml``.
+def group_values(override) -> list:
+    """The option names one parsed ``group=...`` override picks: ``csv``; ``[csv,wandb]`` (a list
+    of options); every value of a sweep (``rte,mrpc``, ``choice(...)``, ``range(...)``, lists inside
+    them). A ``glob(...)`` or ``interval(...)`` is returned as is (the caller matches a glob against
+    the options; an interval is never an option)."""
+    value = override.value()
+    if isinstance(value, Glob | IntervalSweep):
+        return [value]
+    values = list(override.sweep_iterator()) if override.is_discrete_sweep() else [value]
+    flat = []
+    for v in values:
+        flat.extend(v if isinstance(v, list) else [v])
+    return flat
 
-    Hydra's own message for this is several lines; ours names the value and the choices in one.
+
+def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Reject overrides Hydra cannot parse, and ``group=...`` overrides naming a value that has no
+    ``conf/<group>/<value>.yaml``, each with one line (Hydra's own messages are several).
+
+    Overrides are parsed by Hydra's own grammar, so every form it accepts passes: lists
+    (``logger=[csv,wandb]``), sweeps (``task=rte,mrpc``, ``choice(...)``, ``range(...)``,
+    ``glob(...)``: a glob must match at least one option). ``null`` and deletions (``~group``)
+    pass; ``hydra/...`` groups and dotted keys are left to Hydra.
     """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
     for arg in args:
-        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+        if arg.startswith("-") or "=" not in arg:  # -m, --cfg job, ...: Hydra's own flags
             continue
-        key, value = arg.split("=", 1)
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except OverrideParseException as err:
+            reason = str(err).splitlines()[0]  # the rest is a link to Hydra's grammar page
+            raise UserError(f"cannot parse override '{arg}': {reason} (Hydra's override grammar)") from None
+        key = override.key_or_group
         group_dir = conf_dir / key
-        if "." in key or not group_dir.is_dir() or key.startswith("hydra"):  # hydra/launcher=...: Hydra's
+        if override.is_delete() or "." in key or key.startswith("hydra") or not group_dir.is_dir():
             continue
         choices = sorted(p.stem for p in group_dir.glob("*.yaml"))
-        for v in value.split(","):  # multirun lists: task=rte,mrpc
-            if v not in choices and v != "null":
+        raw = arg.split("=", 1)[1]
+        for v in group_values(override):
+            if isinstance(v, Glob):
+                if not v.filter(choices):
+                    raise UserError(f"{key} {raw} matches none of: {', '.join(choices)}")
+            elif isinstance(v, IntervalSweep):
+                raise UserError(f"{key} takes option names, not {raw}; choose one of: {', '.join(choices)}")
+            elif v is not None and (not isinstance(v, str) or v not in choices):
                 raise UserError(f"unknown {key} '{v}'; choose one of: {', '.join(choices)}")
 
 

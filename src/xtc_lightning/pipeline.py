@@ -58,6 +58,7 @@ from xtc_lightning.resume import (
     stage_record_path,
 )
 from xtc_lightning.runfolder import lock_run_folder, save_hydra_files, start_log_files
+from xtc_lightning.slim import WEIGHTS_NAME, drop_resume_state, save_weights
 from xtc_lightning.student import build_student, layers_from_config
 from xtc_lightning.tasks import GlueTask, get_task
 
@@ -175,7 +176,6 @@ def fit_and_evaluate(
         module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None, weights_only=True
     )
     best = module.last_val
-    last_path = stage_dir / "checkpoints" / "last.ckpt"
     return {
         "stage": stage,
         "metrics_best": best["splits"],
@@ -183,7 +183,9 @@ def fit_and_evaluate(
         "metrics_last_epoch": last.get("splits"),
         "score_last_epoch": last.get("score"),
         "selected": "best val/score checkpoint" if best_path else "final weights (no checkpoint was saved)",
-        "checkpoints": {"best": best_path or None, "last": str(last_path) if last_path.is_file() else None},
+        # the file is deleted once the stage is finished (slim.drop_resume_state); the weights stay
+        "selected_checkpoint": Path(best_path).name if best_path else None,
+        "steps": trainer.global_step,
         "resumed_from": str(ckpt_path) if ckpt_path else None,
         "world_size": trainer.world_size,
         # where ranks (and Slurm's requeue handler) come from; one-device strategies do not expose it
@@ -263,6 +265,9 @@ def record_stage(run_dir: Path, result: dict) -> dict:
         path = stage_record_path(run_dir, result["stage"])
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, result)
+        freed = drop_resume_state(path.parent)  # finished: nothing resumes from them any more
+        if freed:
+            log.info("%s: finished, deleted %.0f MB of resume checkpoints", result["stage"], freed / 1e6)
     return result
 
 
@@ -363,6 +368,8 @@ def student_stage(
         if quant.mixed:
             result["bits"]["weights_by_target"] = {r: s.bits for r, s in quant.weight_by_target}
         result["params_by_bits"] = {str(k): v for k, v in summary.params_by_bits.items()}
+        weights = run_dir / stage / WEIGHTS_NAME  # the selected student, what xtc-export reads
+        result["weights"] = save_weights(student, weights) if is_rank_zero() else str(weights)
     return result
 
 
@@ -473,6 +480,23 @@ def check_scale_config(cfg: DictConfig) -> None:
         )
 
 
+def run_limits(cfg: DictConfig) -> dict:
+    """The trainer settings that cut a run short (``fast_dev_run``, ``limit_*_batches``): a run with
+    any of them is ``limited`` and its scores are not results (``xtc-report`` skips it)."""
+    limits = {}
+    for key, value in cfg.trainer.items():
+        whole = value is None or (isinstance(value, float) and value == 1.0)  # int 1 is one batch
+        if (key == "fast_dev_run" and value) or (key.startswith("limit_") and not whole):
+            limits[key] = value
+    return limits
+
+
+def count_rows(tsv: str | Path) -> int:
+    """Data rows of a predictions file (its header excluded)."""
+    with open(tsv) as f:
+        return sum(1 for _ in f) - 1
+
+
 def run(cfg: DictConfig) -> dict:
     """Run the pipeline up to ``cfg.stage``; write and return ``results.json``.
 
@@ -549,10 +573,13 @@ def run_stages(
     run_dir: Path,
 ) -> dict:
     dev_counts = {f"{s}_examples": len(d) for s, d in datamodule.dev_sets.items()}
+    limits = run_limits(cfg)
     results = {
         "task": task.name,
         "stage": cfg.stage,
         "run_dir": str(run_dir),
+        "limited": bool(limits),  # debug / limit_* runs: xtc-report skips them
+        "limits": limits,
         "data": {"train_examples": len(datamodule.train_set), **dev_counts},
         "augment": None,  # the distillation stages' augmented training set, when there is one
         "stages": {},
@@ -604,6 +631,8 @@ def run_stages(
         return results
     for split, path in final["predictions"].items():
         shutil.copy(path, results["predictions"][split])
+    # the dev rows the score covers (fewer than *_examples in a limited run)
+    results["data"]["dev_scored"] = {s: count_rows(p) for s, p in results["predictions"].items()}
     write_json_atomic(run_dir / "results.json", results)
     if wanted >= STAGES.index("export"):
         export_json = run_dir / EXPORT_DIR / "export.json"

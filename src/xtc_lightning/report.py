@@ -1,7 +1,8 @@
 """Paper-style results from run folders: a markdown table and a score-vs-size plot (``xtc-report``).
 
 Every ``results.json`` under the given folders (searched recursively, e.g. a sweep's
-output) is one run. A run gives two points: its final stage (the student) and its teacher
+output) is one run; runs marked ``limited`` (debug, ``trainer.limit_*``: a score over part of
+dev) are left out unless asked for. A run gives two points: its final stage (the student) and its teacher
 (the same cached teacher shared by many runs counts once, keyed by task and model folder).
 
 Table: one row per configuration (teacher, or student layers x quant config), one column
@@ -15,7 +16,8 @@ or ``<run>/export/export.json``), else the theoretical size from ``params_by_bit
 (``sum(bits * params) / 8``; no scales, no container), marked ``~``. The teacher is
 fp32: params x 4 bytes.
 
-Plot: dev score vs size (log x), one point per run, colour per task, teachers as stars.
+Figures (``plot_score_vs_size``): dev score vs size, the GLUE average per configuration and
+one small panel per task; PNG, or vector PDF/SVG.
 """
 
 from __future__ import annotations
@@ -94,9 +96,9 @@ def _export_bytes(results: dict, run_dir: Path) -> int | None:
         return None
 
 
-def points_of_run(results_path: Path) -> list[Point]:
+def points_of_run(results_path: Path, results: dict | None = None) -> list[Point]:
     """The student point (when the run went past the teacher) and the teacher point of one run."""
-    results = json.loads(results_path.read_text())
+    results = json.loads(results_path.read_text()) if results is None else results
     run_dir = results_path.parent
     task, stages = results["task"], results["stages"]
     final_name = results.get("final_stage") or list(stages)[-1]
@@ -138,14 +140,21 @@ def points_of_run(results_path: Path) -> list[Point]:
     return points
 
 
-def collect(roots: list[str | Path]) -> tuple[list[Point], list[str]]:
-    """All points under ``roots`` (each teacher once) and the runs skipped as unreadable."""
+def collect(
+    roots: list[str | Path], include_limited: bool = False
+) -> tuple[list[Point], list[str], list[str]]:
+    """All points under ``roots`` (each teacher once), the runs skipped as unreadable, and the
+    limited runs (``results.json`` ``limited``: debug, ``limit_*``) left out unless ``include_limited``."""
     points: dict[tuple, Point] = {}
-    skipped = []
+    skipped, limited = [], []
     for path in find_results(roots):
         try:
-            run_points = points_of_run(path)
-        except (OSError, ValueError, KeyError, TypeError) as err:  # half-written or foreign results.json
+            results = json.loads(path.read_text())
+            if results.get("limited") and not include_limited:
+                limited.append(str(path.parent))
+                continue
+            run_points = points_of_run(path, results)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # half-written or foreign
             skipped.append(f"{path}: {type(err).__name__}: {err}")
             continue
         for p in run_points:
@@ -153,17 +162,54 @@ def collect(roots: list[str | Path]) -> tuple[list[Point], list[str]]:
             if key not in points or p.score > points[key].score:
                 points[key] = p
     if not points:
-        raise UserError(f"no readable results.json under {', '.join(map(str, roots))}")
-    return sorted(points.values(), key=lambda p: (p.sort_key, p.task)), skipped
+        only = f" ({len(limited)} limited runs left out: --include-limited adds them)" if limited else ""
+        raise UserError(f"no readable results.json under {', '.join(map(str, roots))}{only}")
+    return sorted(points.values(), key=lambda p: (p.sort_key, p.task)), skipped, limited
+
+
+def task_order(points: list[Point]) -> list[str]:
+    """The tasks present, in the GLUE paper's order (unknown names last, sorted)."""
+    tasks = [t for t in TASK_ORDER if any(p.task == t for p in points)]
+    return tasks + sorted({p.task for p in points} - set(tasks))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration (table row, figure colour): its best score per task and its size."""
+
+    label: str
+    weight_bits: int
+    activation_bits: int
+    best: dict  # task -> best dev score (fraction)
+    size_bytes: float
+    size_exact: bool
+    runs: int
+
+    @property
+    def average(self) -> float:
+        return sum(self.best.values()) / len(self.best)
+
+
+def rows_of(points: list[Point]) -> list[Row]:
+    """The configurations, teacher first then by layers and bits: best score per task (a sweep's
+    or seeds' best run), size = the largest packed file of the row, else the largest theoretical."""
+    members: dict[str, list[Point]] = {}
+    for p in sorted(points, key=lambda p: p.sort_key):
+        members.setdefault(p.row, []).append(p)
+    rows = []
+    for label, ps in members.items():
+        exact = [p for p in ps if p.size_exact]
+        best = {t: max(p.score for p in ps if p.task == t) for t in task_order(ps)}
+        rows.append(
+            Row(label, ps[0].weight_bits, ps[0].activation_bits, best,
+                max(p.size_bytes for p in (exact or ps)), bool(exact), len(ps))
+        )  # fmt: skip
+    return rows
 
 
 def results_table(points: list[Point]) -> str:
     """The markdown table (see the module docstring)."""
-    tasks = [t for t in TASK_ORDER if any(p.task == t for p in points)]
-    tasks += sorted({p.task for p in points} - set(tasks))
-    rows: dict[str, list[Point]] = {}
-    for p in sorted(points, key=lambda p: p.sort_key):
-        rows.setdefault(p.row, []).append(p)
+    tasks = task_order(points)
     header = [
         "configuration",
         "W/A bits",
@@ -174,25 +220,16 @@ def results_table(points: list[Point]) -> str:
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     incomplete = False
-    for row, members in rows.items():
-        best = {
-            t: max(p.score for p in members if p.task == t)
-            for t in tasks
-            if any(p.task == t for p in members)
-        }
-        avg = sum(best.values()) / len(best)
-        mark = "*" if len(best) < len(tasks) else ""
+    for row in rows_of(points):
+        mark = "*" if len(row.best) < len(tasks) else ""
         incomplete |= bool(mark)
-        exact = [p for p in members if p.size_exact]
-        size = max(p.size_bytes for p in (exact or members))
-        first = members[0]
         cells = [
-            row,
-            f"{first.weight_bits}/{first.activation_bits}",
-            *(f"{100 * best[t]:.1f}" if t in best else "-" for t in tasks),
-            f"{100 * avg:.1f}{mark}",
-            f"{'' if exact else '~'}{size / MB:.2f}",
-            str(len(members)),
+            row.label,
+            f"{row.weight_bits}/{row.activation_bits}",
+            *(f"{100 * row.best[t]:.1f}" if t in row.best else "-" for t in tasks),
+            f"{100 * row.average:.1f}{mark}",
+            f"{'' if row.size_exact else '~'}{row.size_bytes / MB:.2f}",
+            str(row.runs),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
@@ -204,94 +241,197 @@ def results_table(points: list[Point]) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def plot_score_vs_size(points: list[Point], path: str | Path) -> Path:
-    """Dev score vs model size (log x): one point per run, colour per task, teachers as stars."""
+# One marker per weight bit-width (the fp32 teacher shares fp32's), one colour per configuration.
+BIT_MARKERS = {32: "o", 16: "h", 8: "s", 4: "D", 3: "p", 2: "^", 1: "v"}
+FIGURE_FORMATS = ("png", "pdf", "svg")
+STYLE = {
+    "font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8,
+    "xtick.labelsize": 8, "ytick.labelsize": 8, "pdf.fonttype": 42, "svg.fonttype": "none",
+    "axes.spines.top": False, "axes.spines.right": False,
+}  # fmt: skip
+
+
+def _style_axis(ax, ylabel: bool = True) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 1 2 5 10 20 50 100 ... MB
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("model size (MB)")
+    if ylabel:
+        ax.set_ylabel("dev score")
+    ax.grid(True, which="major", alpha=0.3, linewidth=0.5)
+
+
+def _legend(fig, rows: list[Row], colour: dict, partial: bool, ncol: int) -> None:
+    """Below the axes: one entry per configuration (its colour and bit-width marker)."""
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], linestyle="", marker=BIT_MARKERS.get(r.weight_bits, "X"), markersize=6,
+               color=colour[r.label], label=f"{r.label} (W{r.weight_bits}A{r.activation_bits})")
+        for r in rows
+    ]  # fmt: skip
+    if partial:
+        handles.append(Line2D([], [], linestyle="", marker="o", markersize=6, markerfacecolor="none",
+                              color="grey", label="hollow: average over fewer tasks"))  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(ncol, len(handles)), frameon=False)
+
+
+def _save(fig, path: Path, fmt: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.{fmt}")
+    try:
+        fig.savefig(tmp, format=fmt, dpi=300)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def figure_format(path: str | Path, fmt: str | None = None) -> str:
+    """``fmt``, else the file's extension; one of FIGURE_FORMATS."""
+    fmt = (fmt or Path(path).suffix.lstrip(".") or "png").lower()
+    if fmt not in FIGURE_FORMATS:
+        raise UserError(f"figure format '{fmt}' is not accepted; choose one of: {', '.join(FIGURE_FORMATS)}")
+    return fmt
+
+
+def plot_score_vs_size(points: list[Point], path: str | Path, fmt: str | None = None) -> list[Path]:
+    """Two figures of dev score (x100) vs model size (log x), one marker per weight bit-width and
+    one colour per configuration, named in a legend (no labels on the points):
+
+    - ``path``: the GLUE average, one point per configuration (its average over its tasks;
+      hollow when it lacks some of the report's tasks);
+    - ``<stem>_tasks.<ext>``: one small panel per task, one point per configuration.
+
+    ``fmt`` (png, pdf, svg; default: the extension of ``path``) picks the file type; PDF and SVG
+    are vector files with embedded, editable text. Returns both paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    tasks = [t for t in TASK_ORDER if any(p.task == t for p in points)]
-    tasks += sorted({p.task for p in points} - set(tasks))
-    colours = plt.get_cmap("tab10")
-    for i, task in enumerate(tasks):
-        for teacher in (False, True):
-            sel = [p for p in points if p.task == task and p.teacher == teacher]
-            if not sel:
-                continue
-            ax.scatter(
-                [p.size_bytes / MB for p in sel],
-                [100 * p.score for p in sel],
-                color=colours(i % 10),
-                marker="*" if teacher else "o",
-                s=160 if teacher else 36,
-                edgecolors="black" if teacher else "none",
-                label=f"{TASK_TITLES.get(task, task)} teacher" if teacher else TASK_TITLES.get(task, task),
-            )
-            for p in sel:
-                ax.annotate(p.row, (p.size_bytes / MB, 100 * p.score), fontsize=6, alpha=0.7,
-                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("model size (MB, log scale)")
-    ax.set_ylabel("dev score (x100)")
-    ax.set_title("XTC: dev score vs model size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix or '.png'}")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
+    fmt = figure_format(path, fmt)
+    path = Path(path) if Path(path).suffix else Path(path).with_suffix(f".{fmt}")
+    tasks, rows = task_order(points), rows_of(points)
+    palette = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    colour = {r.label: palette(i % palette.N) for i, r in enumerate(rows)}
+    partial = any(len(r.best) < len(tasks) for r in rows)
+    written = []
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(4.5, 3.6), layout="constrained")
+        for r in rows:
+            full = len(r.best) == len(tasks)
+            ax.scatter(r.size_bytes / MB, 100 * r.average, s=40, marker=BIT_MARKERS.get(r.weight_bits, "X"),
+                       facecolors=colour[r.label] if full else "none", edgecolors=colour[r.label],
+                       linewidths=1.2, zorder=3)  # fmt: skip
+        _style_axis(ax)
+        ax.set_ylabel(
+            "GLUE dev score (average)"
+            if len(tasks) > 1
+            else f"{TASK_TITLES.get(tasks[0], tasks[0])} dev score"
+        )
+        _legend(fig, rows, colour, partial, ncol=2)
+        written.append(_save(fig, path, fmt))
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+
+        ncols = min(3, len(tasks))
+        nrows = -(-len(tasks) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.1 * nrows + 0.6),
+                                 layout="constrained", squeeze=False, sharex=True)  # fmt: skip
+        for i, task in enumerate(tasks):
+            ax = axes[i // ncols][i % ncols]
+            for r in rows:
+                sel = [p for p in points if p.row == r.label and p.task == task]
+                if not sel:
+                    continue
+                best = max(sel, key=lambda p: p.score)
+                ax.scatter(best.size_bytes / MB, 100 * best.score, s=30, color=colour[r.label],
+                           marker=BIT_MARKERS.get(r.weight_bits, "X"), zorder=3)  # fmt: skip
+            _style_axis(ax, ylabel=i % ncols == 0)
+            if i + ncols < len(tasks):  # a panel below carries the x axis
+                ax.set_xlabel("")
+            else:
+                ax.tick_params(labelbottom=True)
+            ax.set_title(TASK_TITLES.get(task, task))
+        for j in range(len(tasks), nrows * ncols):
+            axes[j // ncols][j % ncols].set_visible(False)
+        _legend(fig, rows, colour, partial=False, ncol=ncols)
+        written.append(_save(fig, path.with_name(f"{path.stem}_tasks{path.suffix}"), fmt))
+        plt.close(fig)
+    return written
 
 
-def write_report(roots: list[str | Path], markdown: str | Path, plot: str | Path) -> dict:
-    """Collect the runs under ``roots``; write the table and the plot. Returns paths, counts, skipped runs."""
-    points, skipped = collect(roots)
+def write_report(
+    roots: list[str | Path],
+    markdown: str | Path,
+    plot: str | Path,
+    include_limited: bool = False,
+    fmt: str | None = None,
+) -> dict:
+    """Collect the runs under ``roots``; write the table and the two figures (``plot`` and
+    ``<plot stem>_tasks``, see ``plot_score_vs_size``). Returns paths, counts, skipped and limited runs."""
+    fmt = figure_format(plot, fmt)  # a bad format fails before anything is read or written
+    points, skipped, limited = collect(roots, include_limited)
     table = results_table(points)
     if skipped:
         table += f"\nSkipped {len(skipped)} unreadable results.json.\n"
+    if limited:
+        table += f"\nLeft out {len(limited)} limited runs (debug, limit_*: --include-limited adds them).\n"
     markdown = Path(markdown)
     markdown.parent.mkdir(parents=True, exist_ok=True)
     tmp = markdown.with_name(f".{markdown.name}.tmp{os.getpid()}")
     tmp.write_text(table)
     os.replace(tmp, markdown)
-    plot_score_vs_size(points, plot)
+    plots = plot_score_vs_size(points, plot, fmt)
     return {
         "markdown": str(markdown),
-        "plot": str(plot),
+        "plots": [str(p) for p in plots],
         "points": len(points),
         "skipped": skipped,
+        "limited": limited,
         "table": table,
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="xtc-report", description="Paper-style table and score-vs-size plot from run folders."
+        prog="xtc-report", description="Paper-style table and score-vs-size figures from run folders."
     )
     parser.add_argument("roots", nargs="+", help="run folders or folders holding them (searched recursively)")
     parser.add_argument("--out", default=None, help="markdown file (default: <first root>/report.md)")
-    parser.add_argument("--plot", default=None, help="PNG file (default: next to --out, report.png)")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="figure file, its extension the format (default: next to --out, report.<format>); "
+        "the per-task figure is written beside it as <name>_tasks.<format>",
+    )
+    parser.add_argument(
+        "--format",
+        default=None,
+        choices=FIGURE_FORMATS,
+        help="figure format (default: --plot's extension, else png)",
+    )
+    parser.add_argument(
+        "--include-limited",
+        action="store_true",
+        help="also report limited runs (debug=..., trainer.limit_*: their scores cover part of dev)",
+    )
     args = parser.parse_args(argv)
     first = Path(args.roots[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "report.md"
-    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    plot = Path(args.plot) if args.plot else out.with_suffix(f".{args.format or 'png'}")
     try:
-        result = write_report(args.roots, out, plot)
+        result = write_report(args.roots, out, plot, args.include_limited, args.format)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(result["table"], end="")
     for line in result["skipped"]:
         print(f"skipped {line}", file=sys.stderr)
-    print(f"wrote {result['markdown']} and {result['plot']}")
+    print(f"wrote {result['markdown']} and {' and '.join(result['plots'])}")
 
 
 if __name__ == "__main__":

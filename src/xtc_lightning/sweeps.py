@@ -8,6 +8,7 @@ sweeps translate: a Bayesian one needs the wandb server's controller.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +18,21 @@ from xtc_lightning.errors import UserError
 
 # literal command arguments that only make sense with a wandb server
 SERVER_ONLY = ("logger.wandb.offline=false",)
+
+
+def hydra_value(value) -> str:
+    """One sweep value in Hydra's override grammar: lists as ``[1,3,5]`` (no spaces: the Makefile
+    splits the overrides on them), booleans ``true``/``false``, ``None`` as ``null``, numbers as
+    Python prints them, and strings Hydra would not read back as the same string single-quoted."""
+    if isinstance(value, list):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9_./:+-]+", value):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)
 
 
 def grid_overrides(sweep_file: str | Path) -> list[str]:
@@ -31,7 +47,7 @@ def grid_overrides(sweep_file: str | Path) -> list[str]:
     overrides = []
     for key, spec in sweep["parameters"].items():
         values = spec["values"] if "values" in spec else [spec["value"]]
-        overrides.append(f"{key}={','.join(str(v) for v in values)}")
+        overrides.append(f"{key}={','.join(hydra_value(v) for v in values)}")
     literals = [a for a in sweep.get("command", []) if not a.startswith("${") and a not in SERVER_ONLY]
     return overrides + literals
 

@@ -2,8 +2,9 @@
 
 From ``<run>/results.json`` and ``<run>/config_resolved.yaml``: the quantize stage's
 student is rebuilt as in the pipeline (the reduce stage's model folder, or the teacher's
-when no layer was dropped; ``apply_quantization`` with ``cfg.quant``; the best checkpoint's
-``student.*`` state, loaded with ``weights_only=True``). A run whose last stage is the
+when no layer was dropped; ``apply_quantization`` with ``cfg.quant``; the selected weights,
+``quantize/weights.safetensors``, or the best checkpoint's ``student.*`` state (loaded with
+``weights_only=True``) in run folders from before that file). A run whose last stage is the
 teacher or the reduce stage exports that stage's fp32 model folder. Written into
 ``<run>/export/``::
 
@@ -31,6 +32,7 @@ from xtc_lightning.export.packed import export_packed, tokenizer_dir
 from xtc_lightning.export.size import SizeReport
 from xtc_lightning.finite import check_finite_weights
 from xtc_lightning.quant import QuantConfig, apply_quantization, set_quantization_enabled
+from xtc_lightning.slim import load_weights
 from xtc_lightning.tasks import get_task
 
 EXPORT_DIR = "export"
@@ -78,6 +80,33 @@ def _model_dir(results: dict, stage: str, path: Path) -> str:
     return model_dir
 
 
+def quantize_weights(run_dir: Path, results: dict) -> tuple[dict, str]:
+    """The quantize stage's selected student state and its file, read in ``run_dir``:
+    ``weights.safetensors`` (see ``slim``), or in run folders written before it the best
+    full-state checkpoint's ``student.*``."""
+    stage = results["stages"]["quantize"]
+    if stage.get("weights"):
+        path = in_run_folder(stage["weights"], results, run_dir)
+        if not path.is_file():
+            raise UserError(f"{run_dir}: the quantize stage's weights {str(path)!r} are missing")
+        try:
+            return load_weights(path), str(path)
+        except Exception as err:  # not a safetensors file
+            raise UserError(f"{path}: cannot load the weights ({type(err).__name__})") from None
+    checkpoints = stage.get("checkpoints") or {}
+    path = in_run_folder(checkpoints.get("best") or checkpoints.get("last"), results, run_dir)
+    if not path or not path.is_file():
+        raise UserError(f"{run_dir}: the quantize stage's checkpoint {str(path)!r} is missing")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or an object weights_only refuses
+        raise UserError(f"{path}: cannot load the checkpoint ({type(err).__name__})") from None
+    state = ckpt.get("state_dict", {})
+    return {k.removeprefix(STUDENT_PREFIX): v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}, str(
+        path
+    )
+
+
 def rebuild_final_model(run_dir: Path, results: dict, cfg) -> tuple[nn.Module, QuantConfig, str, str]:
     """(model in eval mode, its quant config, the folder it was built from, the weights' source)."""
     from omegaconf import OmegaConf
@@ -93,19 +122,7 @@ def rebuild_final_model(run_dir: Path, results: dict, cfg) -> tuple[nn.Module, Q
     quant = QuantConfig.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
     student = load_classifier(cfg.model, task, name_or_path=base)
     apply_quantization(student, quant)
-    checkpoints = results["stages"]["quantize"].get("checkpoints") or {}
-    ckpt_path = in_run_folder(checkpoints.get("best") or checkpoints.get("last"), results, run_dir)
-    if not ckpt_path or not ckpt_path.is_file():
-        raise UserError(f"{run_dir}: the quantize stage's checkpoint {str(ckpt_path)!r} is missing")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, or an object weights_only refuses
-        raise UserError(f"{ckpt_path}: cannot load the checkpoint ({type(err).__name__})") from None
-    state = {
-        k.removeprefix(STUDENT_PREFIX): v
-        for k, v in ckpt.get("state_dict", {}).items()
-        if k.startswith(STUDENT_PREFIX)
-    }
+    state, ckpt_path = quantize_weights(run_dir, results)
     own = student.state_dict()
     if set(state) != set(own):
         missing = sorted(set(own) - set(state))[:3]
