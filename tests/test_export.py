@@ -514,7 +514,52 @@ def test_export_run_reproduces_the_run_dev_metrics(finished_run, glue_dir):
     inputs = {k: first[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     assert torch.equal(logits(model, inputs), logits(student, inputs))
     hf = AutoModelForSequenceClassification.from_pretrained(summary["hf"])
-    assert hf.config.num_hidden_layers == 1
+    assert hf.config.num_hidden_layers == 1 and hf.config.id2label == {0: "entailment", 1: "not_entailment"}
+    assert torch.equal(logits(hf, inputs), logits(model, inputs))  # packed weights, same forward
+    assert summary["hf_dequantized"] is None and not (finished_run / "export" / "hf-dequantized").exists()
+
+
+def test_export_folder_model_card(finished_run):
+    """export/hf/ is ready for push_to_hub: weights, config, tokenizer, and a card with HF metadata."""
+    from xtc_lightning.export.card import read_card_metadata
+
+    summary = export_run(finished_run, other_dtype="float32", hf_dequantized=True)
+    results = json.loads((finished_run / "results.json").read_text())
+    folder = Path(summary["hf"])
+    names = {p.name for p in folder.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    } <= names
+    card = (folder / "README.md").read_text()
+    meta = read_card_metadata(card)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-classification"
+    assert "base_model" not in meta  # the teacher was a local folder
+    assert meta["datasets"] == ["nyu-mll/glue"] and "w1a8" in meta["tags"] and "rte" in meta["tags"]
+    result = meta["model-index"][0]["results"][0]
+    assert result["dataset"] == {
+        "name": "GLUE RTE",
+        "type": "nyu-mll/glue",
+        "config": "rte",
+        "split": "validation",
+    }
+    assert result["metrics"] == [{"type": "accuracy", "value": round(100 * summary["dev"]["score"], 2)}]
+    xtc = meta["xtc"]
+    assert (xtc["weight_bits"], xtc["activation_bits"]) == (1, 8)
+    assert list(xtc["stages"]) == ["teacher", "reduce", "quantize"]
+    assert xtc["stages"]["quantize"]["score"] == results["stages"]["quantize"]["score_best"]
+    assert xtc["packed"]["score"] == summary["dev"]["score"]
+    assert xtc["size"]["file_bytes"] == summary["size"]["file_bytes"]
+    assert xtc["size"]["bound_ratio"] == round(summary["size"]["bound_ratio"], 4)
+    assert "quant.weight.method" not in card and "method: binary" in card  # the resolved config
+    assert "import xtc_lightning" in card and "per-token scale" in card
+    # the dequantized copy, on request: loads without the package's quantizer, fp32-sized
+    plain = Path(summary["hf_dequantized"])
+    assert "quantization_config" not in json.loads((plain / "config.json").read_text())
+    assert (plain / "model.safetensors").stat().st_size > 10 * summary["hf_file_bytes"]
 
 
 def test_export_run_float16_and_evaluate_cli(finished_run, glue_dir, capsys):

@@ -565,7 +565,11 @@ def run_stages(
             results["export"] = json.loads(export_json.read_text())  # exported before an interruption
         else:
             results["export"] = export_run(
-                run_dir, other_dtype=cfg.export.other_dtype, hf=cfg.export.hf, evaluate=cfg.export.evaluate
+                run_dir,
+                other_dtype=cfg.export.other_dtype,
+                hf=cfg.export.hf,
+                hf_dequantized=cfg.export.hf_dequantized,
+                evaluate=cfg.export.evaluate,
             )
         results["wall_time_s"] = round(time.perf_counter() - t0, 2)
         write_json_atomic(run_dir / "results.json", results)
