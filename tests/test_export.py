@@ -583,6 +583,20 @@ def test_export_run_float16_and_evaluate_cli(finished_run, glue_dir, capsys):
     assert fast["score"] == direct["score"]
 
 
+def test_export_cli_onnx_agrees_with_the_packed_model_on_dev(finished_run, glue_dir, capsys):
+    from xtc_lightning.export.run import main as export_main
+
+    export_main(
+        [str(finished_run), "--no-hf", "--onnx", "--other-dtype", "float32", "--data-dir", str(glue_dir)]
+    )
+    out = capsys.readouterr().out
+    summary = json.loads((finished_run / "export" / "export.json").read_text())
+    agree = summary["onnx"]["dev"]
+    assert Path(summary["onnx"]["path"]) == finished_run / "export" / "model.onnx"
+    assert agree["examples"] == 277 and agree["agreement"] >= 0.995 and agree["max_abs_logit_diff"] < 1e-3
+    assert f"onnx vs packed on dev: {agree['same_predictions']}/277 same predictions" in out
+
+
 def test_export_run_refuses_bad_run_folders(tmp_path, finished_run):
     with pytest.raises(UserError, match="results.json is missing"):
         export_run(tmp_path)

@@ -12,6 +12,8 @@ teacher or the reduce stage exports that stage's fp32 model folder. Written into
     hf/                  the transformers folder: packed weights, ``quantization_config``, tokenizer
                          and model card (``hf_packed.py``, ``card.py``); ``from_pretrained`` after
                          ``import xtc_lightning``
+    model.onnx           only with ``onnx``: the ONNX Runtime model (``onnx_export.py``), with its
+                         agreement with the packed model on dev in export.json (``onnx``)
     hf-dequantized/      only with ``hf_dequantized``: plain HF folder, dequantized fp32 weights,
                          no activation quantization (``hf.py``), for tools that cannot import us
     export.json          what export_run returns (paths, size report, dev score)
@@ -114,12 +116,14 @@ def export_run(
     glue_dir: str | Path | None = None,
     hf: bool = True,
     hf_dequantized: bool = False,
+    onnx: bool = False,
     evaluate: bool = True,
 ) -> dict:
     """Export a run's final model into ``<run>/export/``; returns (and writes as export.json) a summary.
 
     ``hf``: write ``hf/`` (packed weights, loads with ``from_pretrained``); ``hf_dequantized``:
-    also write ``hf-dequantized/`` (fp32, no activation quantization).
+    also write ``hf-dequantized/`` (fp32, no activation quantization); ``onnx``: also write
+    ``model.onnx`` (an unsupported model is refused before anything is written).
 
     ``glue_dir`` defaults to the run's ``data.dir``; the dev evaluation of the packed file is
     skipped (with the reason in ``dev.skipped``) when there is no local GLUE folder.
@@ -129,6 +133,10 @@ def export_run(
     run_dir = Path(run_dir).resolve()
     results, cfg = read_run(run_dir)
     model, quant, base, source = rebuild_final_model(run_dir, results, cfg)
+    if onnx:
+        from xtc_lightning.export.onnx_export import check_supported
+
+        check_supported(model, run_dir)
     tokenizer = AutoTokenizer.from_pretrained(base)
     teacher_dir = results["stages"].get("teacher", {}).get("model_dir")
     teacher_file = Path(teacher_dir or "") / "model.safetensors"
@@ -151,6 +159,7 @@ def export_run(
         "packed": str(packed_path),
         "tokenizer": str(tokenizer_dir(packed_path)),
         "hf": None,
+        "onnx": None,
         "hf_dequantized": (
             str(export_hf(model, out_dir / "hf-dequantized", tokenizer)) if hf_dequantized else None
         ),
@@ -172,6 +181,13 @@ def export_run(
             }
         else:
             summary["dev"] = {"skipped": f"no local GLUE folder (data.dir={data_dir!r})"}
+    if onnx:
+        from xtc_lightning.export.onnx_export import export_onnx, onnx_agreement
+
+        onnx_path = export_onnx(packed_path, out_dir / "model.onnx")
+        summary["onnx"] = {"path": str(onnx_path), "file_bytes": onnx_path.stat().st_size}
+        if "score" in (summary["dev"] or {}):
+            summary["onnx"]["dev"] = onnx_agreement(packed_path, onnx_path, data_dir)
     if hf:
         card = model_card(results, _plain_config(cfg), _overrides(run_dir), summary)
         folder = export_hf_packed(packed_path, out_dir / "hf", card=card)
@@ -215,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also write hf-dequantized/: fp32 weights, no activation quantization, no xtc import needed",
     )
+    parser.add_argument(
+        "--onnx", action="store_true", help="also write model.onnx (ONNX Runtime; needs the onnx extra)"
+    )
     parser.add_argument("--no-eval", action="store_true", help="skip the dev evaluation of the packed file")
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
@@ -227,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
             glue_dir=args.data_dir,
             hf=not args.no_hf,
             hf_dequantized=args.hf_dequantized,
+            onnx=args.onnx,
             evaluate=not args.no_eval,
         )
     except UserError as err:
@@ -240,6 +260,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dev score of the packed file: {100 * dev['score']:.2f} (run: {run})")
     elif "skipped" in dev:
         print(f"dev evaluation skipped: {dev['skipped']}")
+    if summary["onnx"]:
+        print(f"onnx: {summary['onnx']['path']}")
+        agree = summary["onnx"].get("dev")
+        if agree:
+            same = (
+                ""
+                if agree["same_predictions"] is None
+                else f"{agree['same_predictions']}/{agree['examples']} "
+            )
+            print(
+                f"onnx vs packed on dev: {same}same predictions, max |logit diff| {agree['max_abs_logit_diff']:.2e}"
+            )
 
 
 if __name__ == "__main__":
