@@ -597,6 +597,36 @@ def test_export_cli_onnx_agrees_with_the_packed_model_on_dev(finished_run, glue_
     assert f"onnx vs packed on dev: {agree['same_predictions']}/277 same predictions" in out
 
 
+def readme_python_blocks(heading: str) -> list[str]:
+    from conftest import REPO
+
+    section = (REPO / "README.md").read_text().split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_readme_using_the_compressed_model_runs_as_written(finished_run, glue_dir, capsys):
+    """The three ways of the README (transformers, ONNX Runtime, the runtime), on a real export folder."""
+    from conftest import readme_commands
+    from xtc_lightning.export.run import main as export_main
+
+    placeholder = "runs/<name>/<run-id>"
+    (command,) = readme_commands("## Using the compressed model")
+    assert command[:2] == ["xtc-export", placeholder]
+    export_main([str(finished_run), *command[2:], "--no-eval"])
+    blocks = readme_python_blocks("## Using the compressed model")
+    assert len(blocks) == 3 and all(f'export = "{placeholder}/export"' in b for b in blocks)
+    outputs = []
+    for block in blocks:
+        scope: dict = {}
+        exec(block.replace(placeholder, str(finished_run)), scope)  # noqa: S102 (our own README)
+        outputs.append(scope)
+    printed = capsys.readouterr().out
+    assert "'label': 'entailment'" in printed or "'label': 'not_entailment'" in printed
+    onnx_logits, runtime_logits = outputs[1]["logits"], outputs[2]["logits"]
+    assert onnx_logits.shape == (1, 2) and runtime_logits.shape == (1, 2)
+    assert abs(torch.from_numpy(onnx_logits) - runtime_logits).max() < 1e-3
+
+
 def test_export_run_refuses_bad_run_folders(tmp_path, finished_run):
     with pytest.raises(UserError, match="results.json is missing"):
         export_run(tmp_path)
