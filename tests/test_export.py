@@ -627,6 +627,54 @@ def test_readme_using_the_compressed_model_runs_as_written(finished_run, glue_di
     assert abs(torch.from_numpy(onnx_logits) - runtime_logits).max() < 1e-3
 
 
+def test_predictions_files_and_glue_test_submission(finished_run, glue_dir, tmp_path, capsys):
+    from xtc_lightning.predictions import main as predict_main
+
+    # predictions_dev.tsv: label name and class probabilities beside the class id
+    with open(finished_run / "predictions_dev.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert list(rows[0]) == [
+        "index", "prediction", "label", "prediction_name", "p_entailment", "p_not_entailment"
+    ]  # fmt: skip
+    assert len(rows) == 277
+    for r in rows:
+        p = [float(r["p_entailment"]), float(r["p_not_entailment"])]
+        assert (
+            abs(sum(p) - 1) <= 1e-4
+            and r["prediction_name"] == ["entailment", "not_entailment"][int(r["prediction"])]
+        )
+        assert int(r["prediction"]) == (p[1] > p[0]) or abs(p[1] - p[0]) < 1e-4
+    # xtc-predict: the GLUE submission file of the packed model, from the run folder
+    export_run(finished_run, hf=False, evaluate=False)
+    predict_main([str(finished_run), "--split", "test", "--data-dir", str(glue_dir), "--out", str(tmp_path)])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "RTE.tsv")
+    lines = (tmp_path / "RTE.tsv").read_text().splitlines()
+    test_rows = (glue_dir / "RTE" / "test.tsv").read_text().splitlines()[1:]
+    assert lines[0] == "index\tprediction" and len(lines) == len(test_rows) + 1
+    assert [int(x.split("\t")[0]) for x in lines[1:]] == [int(r.split("\t")[0]) for r in test_rows]
+    assert {x.split("\t")[1] for x in lines[1:]} <= {"entailment", "not_entailment"}
+    # the rows are the packed model's predictions of the test sentences (checked on the first 8)
+    import xtc_lightning.export as export
+
+    packed = finished_run / "export" / "model.safetensors"
+    model, tok = export.load_packed(packed), export.load_packed_tokenizer(packed)
+    first = [r.split("\t") for r in test_rows[:8]]
+    enc = tok(
+        [r[1] for r in first],
+        [r[2] for r in first],
+        padding=True,
+        truncation=True,
+        max_length=64,
+        return_tensors="pt",
+    )
+    expected = logits(model, dict(enc)).argmax(-1).tolist()
+    assert [x.split("\t")[1] for x in lines[1:9]] == [["entailment", "not_entailment"][i] for i in expected]
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main([str(tmp_path / "nothing"), "--data-dir", str(glue_dir)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
 def test_export_run_refuses_bad_run_folders(tmp_path, finished_run):
     with pytest.raises(UserError, match="results.json is missing"):
         export_run(tmp_path)

@@ -46,6 +46,7 @@ from xtc_lightning.models import (
     num_layers_of,
 )
 from xtc_lightning.modules import ClassifierModule, DistillModule, GlueModule
+from xtc_lightning.predictions import write_predictions_tsv
 from xtc_lightning.quant import QuantConfig, apply_quantization, quantization_summary
 from xtc_lightning.resume import (
     CONFIG_FILE,
@@ -72,22 +73,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def write_predictions(task: GlueTask, predictions: dict, folder: Path) -> dict[str, str]:
-    """``predictions_<split>.tsv``: row index, prediction, gold label (class ids or scores).
+    """``predictions_<split>.tsv`` (``predictions.write_predictions_tsv``) of (index, prediction, label, probs).
 
     Written by rank 0; every rank returns the paths."""
     paths = {}
-    for split, (index, preds, labels) in predictions.items():
+    for split, rows in predictions.items():
         path = folder / f"predictions_{split}.tsv"
         paths[split] = str(path)
-        if not is_rank_zero():
-            continue
-        with open(path, "w") as f:
-            f.write("index\tprediction\tlabel\n")
-            for i, p, y in zip(index.tolist(), preds.tolist(), labels.tolist(), strict=True):
-                if task.is_regression:
-                    f.write(f"{i}\t{p!r}\t{y!r}\n")
-                else:
-                    f.write(f"{i}\t{int(p)}\t{int(y)}\n")
+        if is_rank_zero():
+            write_predictions_tsv(path, task, *rows)
     return paths
 
 
