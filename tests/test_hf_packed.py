@@ -143,3 +143,45 @@ def test_bad_quantization_config_is_refused(tmp_path, tokenizer):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quant.weight.bits=3 does not fit method binary"):
         AutoModelForSequenceClassification.from_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_real_minilm_export_folder_size_logits_and_onnx_agreement(tmp_path, minilm_dir, glue_dir):
+    """The W1A8 3-layer MiniLM student (untrained head): the folder is within 2% of the bound,
+    from_pretrained is bit-identical to load_packed, save_pretrained round-trips, ONNX agrees on SST-2 dev."""
+    import yaml
+
+    from conftest import REPO
+    from xtc_lightning.data import read_local_split
+    from xtc_lightning.export.onnx_export import export_onnx, onnx_logits, onnx_session
+    from xtc_lightning.student import build_student
+    from xtc_lightning.tasks import get_task
+
+    torch.manual_seed(0)
+    teacher = AutoModelForSequenceClassification.from_pretrained(
+        minilm_dir, num_labels=2, attn_implementation="eager"
+    )
+    student = build_student(teacher, [1, 3, 5]).eval()
+    cfg = QuantConfig.from_dict(yaml.safe_load((REPO / "conf" / "quant" / "binary.yaml").read_text()))
+    apply_quantization(student, cfg)
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    packed = tmp_path / "model.safetensors"
+    report = export_packed(student, packed, quant_cfg=cfg, task="sst2", tokenizer=tok)
+    folder = export_hf_packed(packed, tmp_path / "hf")
+    hf_bytes = (folder / "model.safetensors").stat().st_size
+    assert hf_bytes / report.bound_bytes <= 1.02 and hf_bytes < 3.2e6
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    sentences = [t[0] for t in read_local_split(get_task("sst2"), glue_dir, "dev").texts[:256]]
+    reference = load_packed(packed)
+    batches = [dict(tok(sentences[i : i + 32], padding=True, return_tensors="pt")) for i in range(0, 256, 32)]
+    ref = torch.cat([logits(reference, b) for b in batches])
+    assert torch.equal(torch.cat([logits(model, b) for b in batches[:2]]), ref[:64])
+    model.save_pretrained(tmp_path / "again")
+    again = (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert (
+        len(again) == hf_bytes and again[-100_000:] == (folder / "model.safetensors").read_bytes()[-100_000:]
+    )
+    session = onnx_session(export_onnx(packed, tmp_path / "model.onnx"))
+    out = torch.cat([onnx_logits(session, b) for b in batches])
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.995
+    assert (out - ref).abs().max() < 1e-2
