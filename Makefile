@@ -6,7 +6,7 @@ VENV          ?= .venv
 # Pinned: the CPU wheel of this version lies on the development machines' disk; an
 # unpinned torch pulls a multi-GB CUDA build. Override for GPU machines: make TORCH_VERSION=...
 TORCH_VERSION ?= 2.13.0
-EXTRAS        ?= dev,minilm,report,optuna
+EXTRAS        ?= dev,minilm,report,optuna,onnx
 ARGS          ?=
 
 BIN   := $(VENV)/bin

@@ -528,7 +528,52 @@ def test_export_run_reproduces_the_run_dev_metrics(finished_run, glue_dir):
     inputs = {k: first[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     assert torch.equal(logits(model, inputs), logits(student, inputs))
     hf = AutoModelForSequenceClassification.from_pretrained(summary["hf"])
-    assert hf.config.num_hidden_layers == 1
+    assert hf.config.num_hidden_layers == 1 and hf.config.id2label == {0: "entailment", 1: "not_entailment"}
+    assert torch.equal(logits(hf, inputs), logits(model, inputs))  # packed weights, same forward
+    assert summary["hf_dequantized"] is None and not (finished_run / "export" / "hf-dequantized").exists()
+
+
+def test_export_folder_model_card(finished_run):
+    """export/hf/ is ready for push_to_hub: weights, config, tokenizer, and a card with HF metadata."""
+    from xtc_lightning.export.card import read_card_metadata
+
+    summary = export_run(finished_run, other_dtype="float32", hf_dequantized=True)
+    results = json.loads((finished_run / "results.json").read_text())
+    folder = Path(summary["hf"])
+    names = {p.name for p in folder.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    } <= names
+    card = (folder / "README.md").read_text()
+    meta = read_card_metadata(card)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-classification"
+    assert "base_model" not in meta  # the teacher was a local folder
+    assert meta["datasets"] == ["nyu-mll/glue"] and "w1a8" in meta["tags"] and "rte" in meta["tags"]
+    result = meta["model-index"][0]["results"][0]
+    assert result["dataset"] == {
+        "name": "GLUE RTE",
+        "type": "nyu-mll/glue",
+        "config": "rte",
+        "split": "validation",
+    }
+    assert result["metrics"] == [{"type": "accuracy", "value": round(100 * summary["dev"]["score"], 2)}]
+    xtc = meta["xtc"]
+    assert (xtc["weight_bits"], xtc["activation_bits"]) == (1, 8)
+    assert list(xtc["stages"]) == ["teacher", "reduce", "quantize"]
+    assert xtc["stages"]["quantize"]["score"] == results["stages"]["quantize"]["score_best"]
+    assert xtc["packed"]["score"] == summary["dev"]["score"]
+    assert xtc["size"]["file_bytes"] == summary["size"]["file_bytes"]
+    assert xtc["size"]["bound_ratio"] == round(summary["size"]["bound_ratio"], 4)
+    assert "quant.weight.method" not in card and "method: binary" in card  # the resolved config
+    assert "import xtc_lightning" in card and "per-token scale" in card
+    # the dequantized copy, on request: loads without the package's quantizer, fp32-sized
+    plain = Path(summary["hf_dequantized"])
+    assert "quantization_config" not in json.loads((plain / "config.json").read_text())
+    assert (plain / "model.safetensors").stat().st_size > 10 * summary["hf_file_bytes"]
 
 
 def test_export_run_float16_and_evaluate_cli(finished_run, glue_dir, capsys):
@@ -550,6 +595,98 @@ def test_export_run_float16_and_evaluate_cli(finished_run, glue_dir, capsys):
     fast = json.loads((finished_run / "r.json").read_text())
     assert fast["model"] == "int8 runtime" and fast["examples"] == {"dev": 277}
     assert fast["score"] == direct["score"]
+
+
+def test_export_cli_onnx_agrees_with_the_packed_model_on_dev(finished_run, glue_dir, capsys):
+    from xtc_lightning.export.run import main as export_main
+
+    export_main(
+        [str(finished_run), "--no-hf", "--onnx", "--other-dtype", "float32", "--data-dir", str(glue_dir)]
+    )
+    out = capsys.readouterr().out
+    summary = json.loads((finished_run / "export" / "export.json").read_text())
+    agree = summary["onnx"]["dev"]
+    assert Path(summary["onnx"]["path"]) == finished_run / "export" / "model.onnx"
+    assert agree["examples"] == 277 and agree["agreement"] >= 0.995 and agree["max_abs_logit_diff"] < 1e-3
+    assert f"onnx vs packed on dev: {agree['same_predictions']}/277 same predictions" in out
+
+
+def readme_python_blocks(heading: str) -> list[str]:
+    from conftest import REPO
+
+    section = (REPO / "README.md").read_text().split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_readme_using_the_compressed_model_runs_as_written(finished_run, glue_dir, capsys):
+    """The three ways of the README (transformers, ONNX Runtime, the runtime), on a real export folder."""
+    from conftest import readme_commands
+    from xtc_lightning.export.run import main as export_main
+
+    placeholder = "runs/<name>/<run-id>"
+    (command,) = readme_commands("## Using the compressed model")
+    assert command[:2] == ["xtc-export", placeholder]
+    export_main([str(finished_run), *command[2:], "--no-eval"])
+    blocks = readme_python_blocks("## Using the compressed model")
+    assert len(blocks) == 3 and all(f'export = "{placeholder}/export"' in b for b in blocks)
+    outputs = []
+    for block in blocks:
+        scope: dict = {}
+        exec(block.replace(placeholder, str(finished_run)), scope)  # noqa: S102 (our own README)
+        outputs.append(scope)
+    printed = capsys.readouterr().out
+    assert "'label': 'entailment'" in printed or "'label': 'not_entailment'" in printed
+    onnx_logits, runtime_logits = outputs[1]["logits"], outputs[2]["logits"]
+    assert onnx_logits.shape == (1, 2) and runtime_logits.shape == (1, 2)
+    assert abs(torch.from_numpy(onnx_logits) - runtime_logits).max() < 1e-3
+
+
+def test_predictions_files_and_glue_test_submission(finished_run, glue_dir, tmp_path, capsys):
+    from xtc_lightning.predictions import main as predict_main
+
+    # predictions_dev.tsv: label name and class probabilities beside the class id
+    with open(finished_run / "predictions_dev.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert list(rows[0]) == [
+        "index", "prediction", "label", "prediction_name", "p_entailment", "p_not_entailment"
+    ]  # fmt: skip
+    assert len(rows) == 277
+    for r in rows:
+        p = [float(r["p_entailment"]), float(r["p_not_entailment"])]
+        assert (
+            abs(sum(p) - 1) <= 1e-4
+            and r["prediction_name"] == ["entailment", "not_entailment"][int(r["prediction"])]
+        )
+        assert int(r["prediction"]) == (p[1] > p[0]) or abs(p[1] - p[0]) < 1e-4
+    # xtc-predict: the GLUE submission file of the packed model, from the run folder
+    export_run(finished_run, hf=False, evaluate=False)
+    predict_main([str(finished_run), "--split", "test", "--data-dir", str(glue_dir), "--out", str(tmp_path)])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "RTE.tsv")
+    lines = (tmp_path / "RTE.tsv").read_text().splitlines()
+    test_rows = (glue_dir / "RTE" / "test.tsv").read_text().splitlines()[1:]
+    assert lines[0] == "index\tprediction" and len(lines) == len(test_rows) + 1
+    assert [int(x.split("\t")[0]) for x in lines[1:]] == [int(r.split("\t")[0]) for r in test_rows]
+    assert {x.split("\t")[1] for x in lines[1:]} <= {"entailment", "not_entailment"}
+    # the rows are the packed model's predictions of the test sentences (checked on the first 8)
+    import xtc_lightning.export as export
+
+    packed = finished_run / "export" / "model.safetensors"
+    model, tok = export.load_packed(packed), export.load_packed_tokenizer(packed)
+    first = [r.split("\t") for r in test_rows[:8]]
+    enc = tok(
+        [r[1] for r in first],
+        [r[2] for r in first],
+        padding=True,
+        truncation=True,
+        max_length=64,
+        return_tensors="pt",
+    )
+    expected = logits(model, dict(enc)).argmax(-1).tolist()
+    assert [x.split("\t")[1] for x in lines[1:9]] == [["entailment", "not_entailment"][i] for i in expected]
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main([str(tmp_path / "nothing"), "--data-dir", str(glue_dir)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
 
 
 def test_export_run_refuses_bad_run_folders(tmp_path, finished_run):

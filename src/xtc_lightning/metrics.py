@@ -54,22 +54,39 @@ class GlueSplitMetric(torchmetrics.Metric):
         self.add_state("index", default=[], dist_reduce_fx="cat")
         self.add_state("preds", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
+        self.add_state("probs", default=[], dist_reduce_fx="cat")  # class probabilities (classification)
 
-    def update(self, index: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(
+        self,
+        index: torch.Tensor,
+        preds: torch.Tensor,
+        labels: torch.Tensor,
+        probs: torch.Tensor | None = None,
+    ) -> None:
         self.index.append(index.detach().long())
         self.preds.append(preds.detach().float())
         self.labels.append(labels.detach().float())
+        if probs is not None:
+            self.probs.append(probs.detach().float())
+
+    def _rows(self, *states: list) -> tuple[torch.Tensor, ...]:
+        """(index, *states) over all processes, one row per example, sorted by index."""
+        index = torchmetrics.utilities.dim_zero_cat(self.index)
+        index, order = torch.sort(index, stable=True)
+        first = torch.ones_like(index, dtype=torch.bool)
+        first[1:] = index[1:] != index[:-1]
+        values = (torchmetrics.utilities.dim_zero_cat(x)[order][first] for x in states)
+        return index[first], *values
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(index, preds, labels) over all processes, one row per example, sorted by index."""
-        index, preds, labels = (
-            torchmetrics.utilities.dim_zero_cat(x) for x in (self.index, self.preds, self.labels)
-        )
-        index, order = torch.sort(index, stable=True)
-        preds, labels = preds[order], labels[order]
-        first = torch.ones_like(index, dtype=torch.bool)
-        first[1:] = index[1:] != index[:-1]
-        return index[first], preds[first], labels[first]
+        return self._rows(self.preds, self.labels)
+
+    def gathered_probs(self) -> torch.Tensor | None:
+        """The class probabilities in ``gathered()``'s row order (None if ``update`` got none)."""
+        if isinstance(self.probs, list) and not self.probs:
+            return None
+        return self._rows(self.probs)[1]
 
     def compute(self) -> dict[str, float]:
         _, preds, labels = self.gathered()

@@ -90,7 +90,8 @@ class GlueModule(L.LightningModule):
         self.task = get_task(task_name)
         self.val_metrics = nn.ModuleList([GlueSplitMetric(self.task) for _ in self.task.dev_splits])
         self.last_val: dict = {}
-        self.last_predictions: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # split -> (index, prediction, label, class probabilities or None)
+        self.last_predictions: dict[str, tuple] = {}
 
     def evaluated_model(self) -> nn.Module:
         raise NotImplementedError
@@ -98,7 +99,8 @@ class GlueModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self.evaluated_model()(**model_inputs(batch)).logits
         preds = predictions_from_logits(self.task, logits)
-        self.val_metrics[dataloader_idx].update(batch["index"], preds, batch["labels"])
+        probs = None if self.task.is_regression else logits.float().softmax(-1)
+        self.val_metrics[dataloader_idx].update(batch["index"], preds, batch["labels"], probs)
 
     def on_validation_epoch_end(self) -> None:
         per_split = {}
@@ -107,7 +109,7 @@ class GlueModule(L.LightningModule):
                 continue
             per_split[split] = metric.compute()
             with metric.sync_context():
-                self.last_predictions[split] = metric.gathered()
+                self.last_predictions[split] = (*metric.gathered(), metric.gathered_probs())
             metric.reset()
             for name, value in per_split[split].items():
                 if name != "score" or len(self.task.dev_splits) > 1:

@@ -48,6 +48,7 @@ from xtc_lightning.models import (
     num_layers_of,
 )
 from xtc_lightning.modules import ClassifierModule, DistillModule, GlueModule
+from xtc_lightning.predictions import write_predictions_tsv
 from xtc_lightning.quant import QuantConfig, apply_quantization, quantization_summary
 from xtc_lightning.recipe import Recipe
 from xtc_lightning.resume import (
@@ -80,22 +81,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def write_predictions(task: GlueTask, predictions: dict, folder: Path) -> dict[str, str]:
-    """``predictions_<split>.tsv``: row index, prediction, gold label (class ids or scores).
+    """``predictions_<split>.tsv`` (``predictions.write_predictions_tsv``) of (index, prediction, label, probs).
 
     Written by rank 0; every rank returns the paths."""
     paths = {}
-    for split, (index, preds, labels) in predictions.items():
+    for split, rows in predictions.items():
         path = folder / f"predictions_{split}.tsv"
         paths[split] = str(path)
-        if not is_rank_zero():
-            continue
-        with open(path, "w") as f:
-            f.write("index\tprediction\tlabel\n")
-            for i, p, y in zip(index.tolist(), preds.tolist(), labels.tolist(), strict=True):
-                if task.is_regression:
-                    f.write(f"{i}\t{p!r}\t{y!r}\n")
-                else:
-                    f.write(f"{i}\t{int(p)}\t{int(y)}\n")
+        if is_rank_zero():
+            write_predictions_tsv(path, task, *rows)
     return paths
 
 
@@ -640,7 +634,11 @@ def run_stages(
             results["export"] = json.loads(export_json.read_text())  # exported before an interruption
         else:
             results["export"] = export_run(
-                run_dir, other_dtype=cfg.export.other_dtype, hf=cfg.export.hf, evaluate=cfg.export.evaluate
+                run_dir,
+                other_dtype=cfg.export.other_dtype,
+                hf=cfg.export.hf,
+                hf_dequantized=cfg.export.hf_dequantized,
+                evaluate=cfg.export.evaluate,
             )
         results["wall_time_s"] = round(time.perf_counter() - t0, 2)
         write_json_atomic(run_dir / "results.json", results)

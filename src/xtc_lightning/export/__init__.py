@@ -6,6 +6,8 @@
     layers.py     PackedLinear / PackedEmbedding: quantized layers using their stored codes
     packed.py     export_packed / load_packed: model <-> packed file (+ tokenizer folder)
     hf.py         export_hf: plain HF folder with dequantized weights
+    hf_packed.py  export_hf_packed: transformers folder with packed weights (the "xtc" quantizer)
+    card.py       model_card: the folder's README.md (HF model card)
     evaluate.py   evaluate_packed, ``xtc-evaluate``: dev metrics from the packed file alone
     run.py        export_run, ``xtc-export``: export a finished run folder
 
@@ -20,6 +22,7 @@ Typical use::
 from xtc_lightning.export.evaluate import evaluate_packed
 from xtc_lightning.export.format import PackedFile, read_packed, write_packed
 from xtc_lightning.export.hf import export_hf
+from xtc_lightning.export.hf_packed import export_hf_packed
 from xtc_lightning.export.layers import PackedEmbedding, PackedLinear
 from xtc_lightning.export.packed import (
     export_packed,
@@ -38,6 +41,7 @@ __all__ = [
     "SizeReport",
     "evaluate_packed",
     "export_hf",
+    "export_hf_packed",
     "export_packed",
     "export_run",
     "load_packed",

@@ -1,4 +1,4 @@
-"""Export a finished run: its final model as a packed file, a plain HF folder, and its dev score (``xtc-export``).
+"""Export a finished run: its final model as a packed file, a transformers folder, and its dev score (``xtc-export``).
 
 From ``<run>/results.json`` and ``<run>/config_resolved.yaml``: the quantize stage's
 student is rebuilt as in the pipeline (the reduce stage's model folder, or the teacher's
@@ -10,7 +10,13 @@ teacher or the reduce stage exports that stage's fp32 model folder. Written into
 
     model.safetensors    the packed file (export_packed)
     model.tokenizer/     its tokenizer
-    hf/                  plain HF folder, dequantized weights (export_hf)
+    hf/                  the transformers folder: packed weights, ``quantization_config``, tokenizer
+                         and model card (``hf_packed.py``, ``card.py``); ``from_pretrained`` after
+                         ``import xtc_lightning``
+    model.onnx           only with ``onnx``: the ONNX Runtime model (``onnx_export.py``), with its
+                         agreement with the packed model on dev in export.json (``onnx``)
+    hf-dequantized/      only with ``hf_dequantized``: plain HF folder, dequantized fp32 weights,
+                         no activation quantization (``hf.py``), for tools that cannot import us
     export.json          what export_run returns (paths, size report, dev score)
 """
 
@@ -26,8 +32,10 @@ import torch
 from torch import nn
 
 from xtc_lightning.errors import UserError
+from xtc_lightning.export.card import model_card
 from xtc_lightning.export.evaluate import evaluate_packed
 from xtc_lightning.export.hf import export_hf
+from xtc_lightning.export.hf_packed import WEIGHTS_NAME, export_hf_packed
 from xtc_lightning.export.packed import export_packed, tokenizer_dir
 from xtc_lightning.export.size import SizeReport
 from xtc_lightning.finite import check_finite_weights
@@ -141,9 +149,15 @@ def export_run(
     other_dtype: str = "float16",
     glue_dir: str | Path | None = None,
     hf: bool = True,
+    hf_dequantized: bool = False,
+    onnx: bool = False,
     evaluate: bool = True,
 ) -> dict:
     """Export a run's final model into ``<run>/export/``; returns (and writes as export.json) a summary.
+
+    ``hf``: write ``hf/`` (packed weights, loads with ``from_pretrained``); ``hf_dequantized``:
+    also write ``hf-dequantized/`` (fp32, no activation quantization); ``onnx``: also write
+    ``model.onnx`` (an unsupported model is refused before anything is written).
 
     ``glue_dir`` defaults to the run's ``data.dir``; the dev evaluation of the packed file is
     skipped (with the reason in ``dev.skipped``) when there is no local GLUE folder.
@@ -154,6 +168,10 @@ def export_run(
     results, cfg = read_run(run_dir)
     model, quant, base, source = rebuild_final_model(run_dir, results, cfg)
     check_finite_weights(model, f"{source} (before exporting it)")
+    if onnx:
+        from xtc_lightning.export.onnx_export import check_supported
+
+        check_supported(model, run_dir)
     tokenizer = AutoTokenizer.from_pretrained(base)
     teacher_dir = results["stages"].get("teacher", {}).get("model_dir")
     teacher_file = Path(teacher_dir or "") / "model.safetensors"
@@ -175,7 +193,11 @@ def export_run(
     summary = {
         "packed": str(packed_path),
         "tokenizer": str(tokenizer_dir(packed_path)),
-        "hf": str(export_hf(model, out_dir / "hf", tokenizer)) if hf else None,
+        "hf": None,
+        "onnx": None,
+        "hf_dequantized": (
+            str(export_hf(model, out_dir / "hf-dequantized", tokenizer)) if hf_dequantized else None
+        ),
         "other_dtype": other_dtype,
         "stage": results.get("final_stage"),
         "source": str(source),
@@ -194,10 +216,36 @@ def export_run(
             }
         else:
             summary["dev"] = {"skipped": f"no local GLUE folder (data.dir={data_dir!r})"}
+    if onnx:
+        from xtc_lightning.export.onnx_export import export_onnx, onnx_agreement
+
+        onnx_path = export_onnx(packed_path, out_dir / "model.onnx")
+        summary["onnx"] = {"path": str(onnx_path), "file_bytes": onnx_path.stat().st_size}
+        if "score" in (summary["dev"] or {}):
+            summary["onnx"]["dev"] = onnx_agreement(packed_path, onnx_path, data_dir)
+    if hf:
+        card = model_card(results, _plain_config(cfg), _overrides(run_dir), summary)
+        folder = export_hf_packed(packed_path, out_dir / "hf", card=card)
+        summary["hf"] = str(folder)
+        summary["hf_file_bytes"] = (folder / WEIGHTS_NAME).stat().st_size
     tmp = out_dir / f".export.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out_dir / "export.json")
     return summary
+
+
+def _plain_config(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    """The run's command-line overrides (Hydra's ``.hydra/overrides.yaml``), [] if not recorded."""
+    import yaml
+
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in yaml.safe_load(path.read_text()) or []] if path.is_file() else []
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,7 +260,15 @@ def main(argv: list[str] | None = None) -> None:
         help="width of scales and non-quantized tensors (float32: bit-exact with the trained model)",
     )
     parser.add_argument("--data-dir", default=None, help="GLUE folder for the dev check (default: the run's)")
-    parser.add_argument("--no-hf", action="store_true", help="skip the plain HF folder")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers folder hf/")
+    parser.add_argument(
+        "--hf-dequantized",
+        action="store_true",
+        help="also write hf-dequantized/: fp32 weights, no activation quantization, no xtc import needed",
+    )
+    parser.add_argument(
+        "--onnx", action="store_true", help="also write model.onnx (ONNX Runtime; needs the onnx extra)"
+    )
     parser.add_argument("--no-eval", action="store_true", help="skip the dev evaluation of the packed file")
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
@@ -224,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
             other_dtype=args.other_dtype,
             glue_dir=args.data_dir,
             hf=not args.no_hf,
+            hf_dequantized=args.hf_dequantized,
+            onnx=args.onnx,
             evaluate=not args.no_eval,
         )
     except UserError as err:
@@ -237,6 +295,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dev score of the packed file: {100 * dev['score']:.2f} (run: {run})")
     elif "skipped" in dev:
         print(f"dev evaluation skipped: {dev['skipped']}")
+    if summary["onnx"]:
+        print(f"onnx: {summary['onnx']['path']}")
+        agree = summary["onnx"].get("dev")
+        if agree:
+            same = (
+                ""
+                if agree["same_predictions"] is None
+                else f"{agree['same_predictions']}/{agree['examples']} "
+            )
+            print(
+                f"onnx vs packed on dev: {same}same predictions, max |logit diff| {agree['max_abs_logit_diff']:.2e}"
+            )
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ class Int8Linear(nn.Module):
         if x2.dtype != torch.float32:
             x2 = x2.float()
         if self.act_scale is None:
-            fn = _compiled("quantize") if self.compiled else quantize_per_token
+            fn = _compiled("quantize") if self._use_compiled() else quantize_per_token
             return fn(x2, self.act_qmax)
         return quantize_static(x2, self.act_scale, self.act_qmax)
 
@@ -145,9 +145,13 @@ class Int8Linear(nn.Module):
         """Quantize ``x`` and multiply by int8 ``weight_int8`` (N, K): ``(..., N)`` in ``x``'s dtype."""
         codes, a_scale = self.quantize_input(x)
         acc = torch._int_mm(codes, weight_int8.t())  # (M, N) int32, exact
-        fn = _compiled("rescale") if self.compiled else rescale
+        fn = _compiled("rescale") if self._use_compiled() else rescale
         y = fn(acc, weight_scale, a_scale, bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], weight_int8.shape[0])
+
+    def _use_compiled(self) -> bool:
+        """The compiled kernels, except while torch.export / torch.compile traces the model (eager ops then)."""
+        return self.compiled and not torch.compiler.is_compiling()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.siblings is not None:
@@ -241,9 +245,15 @@ class UnpaddedForward:
             and isinstance(getattr(model, "dropout", None), nn.Module)
         )
 
+    @property
+    def __code__(self):
+        """torch.export names its trace after ``model.forward.__code__``."""
+        return type(self).__call__.__code__
+
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
         usable = (
-            input_ids is not None
+            not torch.compiler.is_compiling()  # torch.export traces the padded forward (no data-dependent shapes)
+            and input_ids is not None
             and attention_mask is not None
             and not kwargs
             and bool(attention_mask[:, 0].all())  # right padding: the pooler's first token is real
