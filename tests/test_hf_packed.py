@@ -185,3 +185,29 @@ def test_real_minilm_export_folder_size_logits_and_onnx_agreement(tmp_path, mini
     out = torch.cat([onnx_logits(session, b) for b in batches])
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.995
     assert (out - ref).abs().max() < 1e-2
+
+
+def test_mixed_precision_folder_loads_each_module_at_its_own_width(tmp_path, tokenizer):
+    """quant.weight_by_target: 8-bit query/key beside 1-bit elsewhere, packed per module and
+    loaded bit for bit like load_packed."""
+    mixed = {
+        **W1A8,
+        "weight_by_target": {
+            "query": {"method": "symmetric", "bits": 8},
+            "key": {"method": "symmetric", "bits": 8},
+        },
+    }
+    _, packed, folder = export(tmp_path, tokenizer, mixed)
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    own = {m["name"]: m["weight"]["bits"] for m in qc["modules"] if "weight" in m}
+    assert own == {
+        f"bert.encoder.layer.{i}.attention.self.{r}": 8 for i in range(2) for r in ("query", "key")
+    }
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert f.get_slice("bert.encoder.layer.0.attention.self.key.weight_packed").get_shape() == [32 * 32]
+        assert f.get_slice("bert.encoder.layer.0.attention.self.value.weight_packed").get_shape() == [
+            32 * 32 // 8
+        ]
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    batch = inputs(tokenizer)
+    assert torch.equal(logits(model, batch), logits(load_packed(packed), batch))

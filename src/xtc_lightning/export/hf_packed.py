@@ -9,7 +9,7 @@ API for custom methods). A folder written by ``export_hf_packed`` then loads wit
                          {"quant_method": "xtc", "format_version": 1, "name", "weight":
                          {method, bits, groups}, "activation": {method, bits, range,
                          ema_momentum}, "targets", "word_embeddings", "pooler",
-                         "modules": [{"name", "kind": linear | embedding}], "other_dtype"}
+                         "modules": [{"name", "kind": linear | embedding, "weight"?}], "other_dtype"}
     model.safetensors    per quantized module ``<m>.weight_packed`` (uint8, the packed file's
                          bit stream: ``packing.py``), ``<m>.weight_scale`` (per group, in
                          ``other_dtype``), ``<m>.weight_zero_point`` (uint8, asymmetric only);
@@ -224,10 +224,15 @@ class XtcHfQuantizer(HfQuantizer):
                 raise ValueError(
                     f"xtc: quantized module '{name}' does not exist in {type(model).__name__}"
                 ) from None
+            own = quant  # a mixed-precision module carries its own weight spec
+            if "weight" in entry:
+                own = QuantConfig.from_dict(
+                    {"weight": entry["weight"], "activation": self.quantization_config.activation}
+                )
             if kind == "linear" and type(module) is nn.Linear:
-                new = XtcLinear(module, quant)
+                new = XtcLinear(module, own)
             elif kind == "embedding" and type(module) is nn.Embedding:
-                new = XtcEmbedding(module, quant)
+                new = XtcEmbedding(module, own)
             else:
                 raise ValueError(
                     f"xtc: module '{name}' is a {type(module).__name__}, cannot load it as {kind}"
@@ -293,7 +298,12 @@ def quantization_config_of(packed: PackedFile) -> XtcQuantConfig:
         targets=quant["targets"],
         word_embeddings=quant["word_embeddings"],
         pooler=quant["pooler"],
-        modules=[{"name": m["name"], "kind": m["kind"]} for m in meta["modules"]],
+        # a module's own weight spec only where it differs (mixed precision, quant.weight_by_target)
+        modules=[
+            {"name": m["name"], "kind": m["kind"]}
+            | ({"weight": m["weight"]} if m["weight"] != quant["weight"] else {})
+            for m in meta["modules"]
+        ],
         other_dtype=meta["stored_dtype"],
     )
 
