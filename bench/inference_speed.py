@@ -8,6 +8,11 @@ Models (all built in this process from all-MiniLM-L6-v2 + a seeded 2-label head)
                          exported packed and reloaded (``load_packed``): the correctness reference
     dynint8_3L           ``torch.ao.quantization.quantize_dynamic(student_fp32_3L, {nn.Linear}, qint8)``
                          eager; ``dynint8_3L_sdpa`` the same with sdpa attention (the peer to beat)
+    ortint8_3L           ONNX Runtime (CPU provider) dynamic int8 of student_fp32_3L: exported
+                         with ``torch.onnx.export``, BERT graph fusions of
+                         ``onnxruntime.transformers.optimizer`` (fused attention, skip-LayerNorm,
+                         bias-GELU), then ``quantize_dynamic(per_channel=True)`` (the other peer;
+                         needs the ``onnx`` extra: ``pip install -e '.[onnx]'``; ``--no-onnx`` skips it)
     runtime_w1a8_3L      our runtime (``load_runtime`` of the same packed file): int8 x binary
                          codes through ``torch._int_mm``, sdpa attention, padding skipped;
                          ``runtime_w1a8_3L_padded`` the same computing every padded position
@@ -17,16 +22,18 @@ or truncated to ``--seq`` tokens (with their attention masks), and rows of ``--s
 tokens (joined sentences, no padding). ``--trained`` names a trained packed file (default:
 the quality benchmark's MRPC 3L W1A8 export) whose dev score is measured with the
 reference and with the runtime. Timing is side by side in one
-process on ``--threads`` threads under ``torch.inference_mode()``: every round runs each
-model ``--calls`` times (the order rotates from round to round) and keeps the median call;
-ratios are taken per round (paired) and the medians over rounds are reported.
+process, once per thread count in ``--threads`` (torch and ONNX Runtime both on that many
+intra-op threads), under ``torch.inference_mode()``: every round runs each model ``--calls``
+times (the order rotates from round to round) and keeps the median call; ratios are taken per
+round (paired) and the medians over rounds are reported. "Best int8 peer" is, per round, the
+faster of PyTorch dynamic int8 (sdpa) and ONNX Runtime dynamic int8.
 
 Correctness: the runtime against the fake-quant reference on the whole SST-2 dev set (872
 sentences, batches of 32 padded to their longest): prediction agreement and max |logit
 difference|. (The student is not trained here, so its predictions are not meaningful as
 accuracy; they are only compared with each other.)
 
-    .venv/bin/python bench/inference_speed.py --rounds 7 --threads 2
+    .venv/bin/python bench/inference_speed.py --rounds 7 --threads 1 2
 
 Prints JSON, writes ``bench/out/inference_speed.json`` and rewrites the inference section
 of BENCHMARKS.md (``--no-write`` to skip).
@@ -49,6 +56,7 @@ from pathlib import Path
 import torch
 from benchmarks_md import update_section  # bench/ is on sys.path when run as a script
 from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -62,6 +70,7 @@ from xtc_lightning.student import build_student  # noqa: E402
 from xtc_lightning.tasks import get_task  # noqa: E402
 
 STUDENT_LAYERS = [1, 3, 5]
+INT8_PEERS = ("dynint8_3L_sdpa", "ortint8_3L")  # the engines to beat
 SCENARIOS = {  # timing scenario -> what its inputs are
     "batch_large": "padded SST-2 sentences",
     "batch_large_full": "full rows (no padding)",
@@ -80,7 +89,8 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx", "amx")) or "vnni" in f)
 
 
-def build_models(workdir: Path) -> tuple[dict[str, nn.Module], object]:
+def build_models(workdir: Path, onnx: bool) -> tuple[dict[str, nn.Module], object, Path | None]:
+    """The models (see the module docstring), the tokenizer and the ONNX int8 file (None without ``onnx``)."""
     import yaml
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -103,16 +113,105 @@ def build_models(workdir: Path) -> tuple[dict[str, nn.Module], object]:
         copy.deepcopy(student_fp32), {nn.Linear}, dtype=torch.qint8
     )
     dyn_sdpa.set_attn_implementation("sdpa")
+    onnx_path = build_onnx_int8(student_fp32, workdir) if onnx else None
     models = {
         "teacher_fp32_6L": teacher,
         "student_fp32_3L": student_fp32,
         "fakequant_w1a8_3L": load_packed(packed),
         "dynint8_3L": dyn.eval(),
         "dynint8_3L_sdpa": dyn_sdpa.eval(),
+        **({"ortint8_3L": None} if onnx else {}),  # an ``OrtModel`` per thread count, set in main
         "runtime_w1a8_3L": load_runtime(packed),  # padding skipped (the default)
         "runtime_w1a8_3L_padded": load_runtime(packed, unpad=False),  # every padded position computed
     }
-    return models, tokenizer
+    return models, tokenizer, onnx_path
+
+
+class _LogitsOnly(nn.Module):
+    """``model(...).logits`` with positional inputs: the graph ``torch.onnx.export`` traces."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).logits
+
+
+ORT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def build_onnx_int8(student_fp32: nn.Module, workdir: Path) -> Path:
+    """ONNX Runtime's dynamic int8 of the fp32 student: export, BERT graph fusions, per-channel int8 weights.
+
+    ``torch.onnx.export`` (TorchScript exporter, opset 17, dynamic batch and length) of an
+    eager-attention copy; ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert")``
+    fuses embedding + LayerNorm, attention (one QKV GEMM), skip-LayerNorm and bias-GELU;
+    ``quantize_dynamic(per_channel=True, weight_type=QInt8)`` then turns every MatMul and the
+    fused attention into int8 (dynamic uint8 activations per tensor, int8 weights per column).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers import optimizer
+
+    model = copy.deepcopy(student_fp32).eval()
+    model.set_attn_implementation("eager")
+    x = torch.randint(1000, 2000, (2, 16))
+    fp32, fused, int8 = (workdir / f"student_{n}.onnx" for n in ("fp32", "fused", "int8"))
+    with torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(
+            _LogitsOnly(model),
+            (x, torch.ones_like(x), torch.zeros_like(x)),
+            str(fp32),
+            input_names=list(ORT_INPUTS),
+            output_names=["logits"],
+            dynamic_axes={k: {0: "batch", 1: "seq"} for k in ORT_INPUTS},
+            opset_version=17,
+            dynamo=False,
+        )
+    cfg = model.config
+    optimizer.optimize_model(
+        str(fp32), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size
+    ).save_model_to_file(str(fused))
+    quantize_dynamic(
+        str(fused),
+        str(int8),
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        # the fused contrib ops defeat ONNX shape inference: their outputs are fp32
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return int8
+
+
+class OrtModel:
+    """An ONNX Runtime CPU session called like the torch models (``model(**x).logits``)."""
+
+    def __init__(self, model: bytes, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, input_ids, attention_mask, token_type_ids=None):
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        (logits,) = self.session.run(None, {k: v.numpy() for k, v in feed.items()})
+        return SequenceClassifierOutput(logits=torch.from_numpy(logits))
+
+
+def onnxruntime_version() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.__version__
 
 
 def sst2_sentences() -> list[str]:
@@ -212,7 +311,9 @@ def time_models(models: dict, x: dict, rounds: int, calls: int, warmup: int) -> 
         for name in names:
             per_round[name].append(statistics.median(samples[name]))
     base = per_round["teacher_fp32_6L"]
-    peer = per_round["dynint8_3L_sdpa"]  # the stronger peer: PyTorch dynamic int8 with sdpa attention
+    peer = per_round["dynint8_3L_sdpa"]  # PyTorch dynamic int8 with sdpa attention
+    int8_peers = [per_round[n] for n in INT8_PEERS if n in per_round]
+    best = [min(ts) for ts in zip(*int8_peers, strict=True)]  # per round, the faster int8 engine
     result = {}
     for name in names:
         t = per_round[name]
@@ -221,32 +322,66 @@ def time_models(models: dict, x: dict, rounds: int, calls: int, warmup: int) -> 
             "throughput_seq_per_s": x["input_ids"].shape[0] / statistics.median(t),
             "speedup_vs_teacher": statistics.median(b / v for b, v in zip(base, t, strict=True)),
             "speedup_vs_dynint8": statistics.median(p / v for p, v in zip(peer, t, strict=True)),
+            "speedup_vs_best_int8_peer": statistics.median(p / v for p, v in zip(best, t, strict=True)),
             "rounds_s": t,
         }
     return result
 
 
-def fmt_table(timing: dict, batch: int, seq: int, inputs: str) -> list[str]:
+def fmt_table(timing: dict, batch: int, seq: int, inputs: str, threads: int) -> list[str]:
     lines = [
-        f"**batch {batch} x seq {seq}, {inputs}**",
+        f"**{threads} thread{'s' if threads > 1 else ''}, batch {batch} x seq {seq}, {inputs}**",
         "",
-        "| model | median latency | sequences/s | speed-up vs fp32 6L teacher | vs dynamic int8 3L (sdpa) |",
-        "|---|---:|---:|---:|---:|",
+        "| model | median latency | sequences/s | speed-up vs fp32 6L teacher | vs dynamic int8 3L (sdpa) "
+        "| vs best int8 peer |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in timing.items():
         lat = r["median_s"]
         lat_s = f"{lat * 1000:.1f} ms" if lat < 1 else f"{lat:.2f} s"
         lines.append(
             f"| {name} | {lat_s} | {r['throughput_seq_per_s']:.1f} | "
-            f"{r['speedup_vs_teacher']:.2f}x | {r['speedup_vs_dynint8']:.2f}x |"
+            f"{r['speedup_vs_teacher']:.2f}x | {r['speedup_vs_dynint8']:.2f}x | "
+            f"{r['speedup_vs_best_int8_peer']:.2f}x |"
+        )
+    return lines
+
+
+def goals_table(result: dict) -> list[str]:
+    """The runtime against the best int8 peer, per scenario and thread count (the issue's goals)."""
+    threads = result["threads"]
+    lines = [
+        "**Summary: runtime_w1a8_3L vs the best int8 peer (paired per round, median)**",
+        "",
+        "| inputs | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads) + " |",
+        "|---|" + "---:|" * len(threads),
+    ]
+    for key in SCENARIOS:
+        cells = []
+        for t in threads:
+            s = result["timing"][str(t)][key]
+            r = s["timing"]["runtime_w1a8_3L"]
+            cells.append(f"{r['speedup_vs_best_int8_peer']:.2f}x ({r['median_s'] * 1000:.1f} ms)")
+        first = result["timing"][str(threads[0])][key]
+        lines.append(f"| {first['batch']} x {first['seq']}, {SCENARIOS[key]} | " + " | ".join(cells) + " |")
+    if len(threads) > 1:  # more threads should never be slower (medians of separate runs: not paired)
+        one = result["timing"][str(threads[0])]["batch_1"]["timing"]["runtime_w1a8_3L"]["median_s"]
+        cells = [
+            f"{one / result['timing'][str(t)]['batch_1']['timing']['runtime_w1a8_3L']['median_s']:.2f}x"
+            for t in threads
+        ]
+        lines.append(
+            f"| batch 1: runtime at {threads[0]} thread(s) / runtime here | " + " | ".join(cells) + " |"
         )
     return lines
 
 
 def report(result: dict, command: str) -> str:
     c = result["correctness"]
+    large = result["timing"][str(result["threads"][0])]["batch_large"]
     lines = [
-        f"Command: `{command}` ({result['date']}, torch {result['torch']}, {result['threads']} threads, "
+        f"Command: `{command}` ({result['date']}, torch {result['torch']}, onnxruntime "
+        f"{result['onnxruntime']}, threads {' and '.join(map(str, result['threads']))}, "
         f"CPU capability {result['cpu_capability']}, flags {' '.join(result['cpu_flags'])}). "
         "Side by side in one process, rotating order, median of each round's calls, ratios paired per "
         "round then median over rounds. Load average at the start: "
@@ -256,8 +391,12 @@ def report(result: dict, command: str) -> str:
         "the same student with binary per-row weights and per-token int8 activations (W1A8) as a packed "
         "file reloaded by `load_packed` (fake quant, fp32 GEMMs on dequantized weights: the reference); "
         "PyTorch's `quantize_dynamic(student_fp32_3L, {nn.Linear}, qint8)` (per-tensor int8 activations, "
-        "fp32 weights quantized to int8), with eager and with sdpa attention (the sdpa one is the peer to "
-        "beat); and our runtime `load_runtime(packed)`: every quantized linear as "
+        "fp32 weights quantized to int8), with eager and with sdpa attention; ONNX Runtime 'ortint8_3L' "
+        "(CPU provider): the fp32 student exported with `torch.onnx.export`, BERT graph fusions of "
+        "`onnxruntime.transformers.optimizer` (embedding+LayerNorm, attention with one QKV GEMM, "
+        "skip-LayerNorm, bias-GELU), `quantize_dynamic(per_channel=True, weight_type=QInt8)` (uint8 "
+        "per-tensor dynamic activations, int8 per-channel weights, embeddings too); 'best int8 peer' is, "
+        "per round, the faster of dynint8_3L_sdpa and ortint8_3L; and our runtime `load_runtime(packed)`: every quantized linear as "
         "`torch._int_mm(int8 activations, int8 weight codes)` -> exact int32 sums, scaled per token and per "
         "row, sdpa attention, and the real tokens of a right-padded batch packed into one sequence (every "
         "per-token op skips the padding; attention alone is computed per sentence on a grid as long as the "
@@ -266,14 +405,16 @@ def report(result: dict, command: str) -> str:
         "",
         "Inputs: **padded** = the first sentences of SST-2 dev, real token ids padded to the sequence length "
         "(what a GLUE dev batch at max_length 128 looks like; "
-        f"{result['batch_large']['real_tokens']} of {result['batch_large']['batch'] * result['batch_large']['seq']} "
+        f"{large['real_tokens']} of {large['batch'] * large['seq']} "
         "tokens are real); **full** = every row is 128 real tokens (consecutive dev sentences joined), "
         "where skipping padding gains nothing.",
         "",
     ]
-    for key in SCENARIOS:
-        t = result[key]
-        lines += fmt_table(t["timing"], t["batch"], t["seq"], t["inputs"]) + [""]
+    lines += goals_table(result) + [""]
+    for threads in result["threads"]:
+        for key in SCENARIOS:
+            t = result["timing"][str(threads)][key]
+            lines += fmt_table(t["timing"], t["batch"], t["seq"], t["inputs"], threads) + [""]
     d = result.get("trained_dev")
     if d:
         lines += [
@@ -314,7 +455,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=1, help="calls of each model per round at the large batch")
     ap.add_argument("--calls-batch1", type=int, default=5, help="calls of each model per round at batch 1")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts, timed in turn")
+    ap.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime peer")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument(
@@ -324,16 +466,20 @@ def main() -> None:
     )
     ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if any(t < 1 for t in args.threads):
+        ap.error(f"--threads: {args.threads}: every thread count must be >= 1")
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
     sentences = sst2_sentences()
     with tempfile.TemporaryDirectory() as tmp:
-        models, tokenizer = build_models(Path(tmp))
+        models, tokenizer, onnx_path = build_models(Path(tmp), onnx=not args.no_onnx)
+        onnx_bytes = None if onnx_path is None else onnx_path.read_bytes()
+    torch.set_num_threads(args.threads[0])
     result = {
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "torch": torch.__version__,
+        "onnxruntime": onnxruntime_version(),
         "threads": args.threads,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": cpu_flags(),
@@ -346,15 +492,21 @@ def main() -> None:
         "batch_large_full": (args.batch, args.calls, make_full_batch),
         "batch_1": (1, args.calls_batch1, make_batch),
     }
-    for key, (batch, calls, make) in scenarios.items():
-        x = make(tokenizer, sentences, batch, args.seq)
-        result[key] = {
-            "batch": batch,
-            "seq": args.seq,
-            "inputs": SCENARIOS[key],
-            "real_tokens": int(x["attention_mask"].sum()),
-            "timing": time_models(models, x, args.rounds, calls, args.warmup),
-        }
+    result["timing"] = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        if onnx_bytes is not None:
+            models["ortint8_3L"] = OrtModel(onnx_bytes, threads)
+        result["timing"][str(threads)] = per_thread = {}
+        for key, (batch, calls, make) in scenarios.items():
+            x = make(tokenizer, sentences, batch, args.seq)
+            per_thread[key] = {
+                "batch": batch,
+                "seq": args.seq,
+                "inputs": SCENARIOS[key],
+                "real_tokens": int(x["attention_mask"].sum()),
+                "timing": time_models(models, x, args.rounds, calls, args.warmup),
+            }
     result["trained_dev"] = trained_dev_scores(Path(args.trained))
     print(json.dumps(result, indent=2))
     out = REPO / "bench" / "out" / "inference_speed.json"

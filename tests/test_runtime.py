@@ -11,8 +11,12 @@ from transformers import AutoModelForSequenceClassification, BertConfig
 
 from xtc_lightning.export import PackedLinear, export_packed, load_packed
 from xtc_lightning.export.runtime import (
+    SERIAL_TOKENS,
     Int8Linear,
+    Int8ResidualNorm,
+    _can_prepack,
     load_runtime,
+    onednn_prepack,
     optimize_for_inference,
     quantize_per_token,
 )
@@ -169,7 +173,11 @@ def test_optimized_packed_model_keeps_predictions(method, bits, groups, attn, tm
     path = tmp_path / "m.safetensors"
     export_packed(tiny_bert(cfg), path, quant_cfg=cfg, task="mnli", other_dtype="float32")
     reference = load_packed(path)
-    fast = load_runtime(path, attn_implementation=attn, compile=attn == "sdpa")  # both kernel paths
+    # both kernel paths: compiled + oneDNN prepacked GEMM, eager + torch._int_mm
+    fast = load_runtime(path, attn_implementation=attn, compile=attn == "sdpa", prepack=attn == "sdpa")
+    assert all(
+        (m.packed_weight is not None) == (attn == "sdpa") for m in fast.modules() if isinstance(m, Int8Linear)
+    )
     assert not any(isinstance(m, PackedLinear) for m in fast.modules())
     assert len(fast.int8_summary["int8"]) == 12 and not fast.int8_summary["fallback"]
     with torch.inference_mode():
@@ -247,3 +255,68 @@ def test_unpadded_forward_ignores_trailing_padding_and_falls_back_for_left_paddi
         left = {k: v.flip(1) for k, v in x.items()}
         assert torch.equal(fast(**left).logits, padded(**left).logits)
         assert torch.equal(fast(input_ids=x["input_ids"]).logits, padded(input_ids=x["input_ids"]).logits)
+
+
+@pytest.mark.parametrize("name", ["binary", "sym8", "asym4"])
+def test_onednn_prepacked_gemm_gives_the_int_mm_output_bit_for_bit(name):
+    assert _can_prepack()  # torch's CPU build has oneDNN's int8 linear: the fast path must be live here
+    layer = quant_linear(WEIGHTS[name], A8, k=37, n=9)
+    plain, packed = Int8Linear.from_quant_linear(layer), Int8Linear.from_quant_linear(layer)
+    packed.packed_weight = onednn_prepack(packed.weight_int8)
+    x = torch.randn(5, 23, 37) * 3
+    with torch.inference_mode():
+        out = packed(x)
+        assert torch.equal(out, plain(x))  # exact int32 sums, the same fp32 products
+        close(out, layer(x))
+
+
+def test_gelu_and_residual_norm_run_in_the_int8_epilogue(tmp_path):
+    path = packed_w1a8(tmp_path)
+    reference = load_packed(path)
+    for compile in (False, True):
+        fast = load_runtime(path, compile=compile)
+        layer = fast.bert.encoder.layer[0]
+        assert layer.intermediate.dense.gelu and isinstance(
+            layer.intermediate.intermediate_act_fn, nn.Identity
+        )
+        assert isinstance(layer.output, Int8ResidualNorm) and isinstance(
+            layer.attention.output, Int8ResidualNorm
+        )
+        assert {k for k in fast.state_dict() if "LayerNorm" in k} == {
+            k for k in reference.state_dict() if "LayerNorm" in k
+        }
+        with torch.inference_mode():
+            x = torch.randn(2, 7, 40)
+            r = reference.bert.encoder.layer[0]
+            mid = r.intermediate(x)
+            close(layer.intermediate(x), mid)
+            close(layer.output(mid, x), r.output(mid, x))
+            for n, length, seed in ((1, 9, 0), (33, 17, 1)):
+                xs = inputs(n, length, seed)
+                ref, out = reference(**xs).logits, fast(**xs).logits
+                close(out, ref)
+                assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_small_inputs_run_on_one_thread_and_full_rows_skip_the_scatter(tmp_path):
+    path = packed_w1a8(tmp_path)
+    fast = load_runtime(path, compile=False)
+    padded = load_runtime(path, compile=False, unpad=False)
+    seen = []
+    fast.bert.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda m, args, out: seen.append(torch.get_num_threads())
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            small = inputs(2, 9, 0)
+            assert int(small["attention_mask"].sum()) <= SERIAL_TOKENS
+            close(fast(**small).logits, padded(**small).logits)
+            full = inputs(1, 2 * SERIAL_TOKENS, 1)
+            full = {k: v[:, :40].repeat(3, 1) for k, v in full.items()}  # 120 real tokens, no padding
+            assert bool(full["attention_mask"].all()) and full["input_ids"].numel() > SERIAL_TOKENS
+            close(fast(**full).logits, padded(**full).logits)
+            assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

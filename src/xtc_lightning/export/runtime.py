@@ -43,7 +43,7 @@ from transformers import AttentionInterface
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from xtc_lightning.quant import QuantLinear, WeightCodes, weight_codes
-from xtc_lightning.quant.int8 import INT8_MAX, quantize_per_token, rescale
+from xtc_lightning.quant.int8 import INT8_MAX, quantize_per_token
 from xtc_lightning.quant.quantizers import activation_qparams, activation_qrange
 
 
@@ -68,16 +68,88 @@ def quantize_static(x: Tensor, scale: Tensor, qmax: int) -> tuple[Tensor, Tensor
     return torch.div(x, scale).round_().clamp_(-qmax, qmax).to(torch.int8), scale
 
 
+def epilogue(
+    y: Tensor,
+    w_scale: Tensor | None,
+    a_scale: Tensor,
+    bias: Tensor | None,
+    gelu: bool = False,
+    residual: Tensor | None = None,
+    norm: tuple[Tensor, Tensor, float] | None = None,
+) -> Tensor:
+    """The GEMM's fp32 output ``z = y * w_scale[col] * a_scale[row] + bias[col]``, then what followed it.
+
+    ``y`` is the int32 sum (``w_scale`` given: the products of ``rescale``, in its order) or
+    the fp32 ``sum * w_scale`` the oneDNN GEMM already computed (``w_scale`` None; the same
+    fp32 product, bit for bit). ``gelu`` returns ``gelu(z)`` (exact erf GELU, ``fold_gelu``);
+    ``residual`` (shaped as ``y``) and ``norm = (weight, bias, eps)`` return ``layer_norm(z + residual)`` over the
+    last dimension (``Int8ResidualNorm``; tensors, not the module, so that one compiled kernel
+    serves every layer).
+    """
+    if w_scale is not None:
+        y = torch.mul(y, w_scale)  # int32 * fp32 -> fp32
+    y = y * a_scale if bias is None else torch.addcmul(bias, y, a_scale)
+    if gelu:
+        y = F.gelu(y)
+    if residual is not None:
+        y = y + residual
+    if norm is not None:
+        y = F.layer_norm(y, (y.shape[-1],), norm[0], norm[1], norm[2])
+    return y
+
+
 _COMPILED: dict[str, object] = {}
 
 
 def _compiled(name: str):
-    """``torch.compile`` (inductor, dynamic shapes) of ``quantize_per_token`` or ``rescale``, built once."""
+    """``torch.compile`` (inductor) of ``quantize_per_token`` or ``epilogue``, built once.
+
+    The row count (tokens) of every 2-D tensor argument is dynamic, the feature widths are
+    static: one kernel per layer width, with fixed-length vectorized inner loops (fully
+    dynamic shapes made the GELU epilogue ~2x slower on 4096 x 1536).
+    """
     fn = _COMPILED.get(name)
     if fn is None:
-        eager = {"quantize": quantize_per_token, "rescale": rescale}[name]
-        fn = _COMPILED[name] = torch.compile(eager, dynamic=True)
+        kernel = torch.compile({"quantize": quantize_per_token, "epilogue": epilogue}[name], dynamic=False)
+
+        def fn(*args):
+            for a in args:
+                if isinstance(a, Tensor) and a.dim() == 2:
+                    torch._dynamo.maybe_mark_dynamic(a, 0)
+            return kernel(*args)
+
+        _COMPILED[name] = fn
     return fn
+
+
+_ONE = torch.ones(())
+
+
+def onednn_prepack(weight_int8: Tensor) -> Tensor | None:
+    """oneDNN's prepacked form of int8 codes ``(N, K)`` for ``onednn_gemm``, or None where that op is missing.
+
+    The packed weight is reordered once for the CPU's int8 GEMM kernel (``torch._int_mm``
+    reorders the plain matrix on every call). It is an opaque tensor (not a buffer: it is
+    neither saved nor exported; ``weight_int8`` stays the model's weight).
+    """
+    op = getattr(torch.ops.onednn, "qlinear_prepack", None) if hasattr(torch.ops, "onednn") else None
+    if op is None or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return op(weight_int8.contiguous(), None)
+    except RuntimeError:  # an oneDNN build without int8 matmul on this CPU
+        return None
+
+
+def onednn_gemm(codes: Tensor, packed: Tensor, w_scale: Tensor) -> Tensor:
+    """``codes (M, K) int8 @ weight^T`` times ``w_scale[col]`` in fp32, in the GEMM's epilogue (oneDNN).
+
+    The int32 sum is exact and the one fp32 product equals ``torch.mul(sum, w_scale)``
+    (input scale 1, no zero points, no bias, no post-op).
+    """
+    return torch.ops.onednn.qlinear_pointwise.tensor(
+        codes, _ONE, None, packed, w_scale, None, None, 1.0, 0, torch.float32, "none", [], ""
+    )
 
 
 class Int8Linear(nn.Module):
@@ -103,7 +175,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
         self.register_buffer("act_scale", act_scale)
         self.act_qmax = act_qmax
-        self.compiled = False  # use the torch.compile'd (fused) quantize / rescale kernels
+        self.compiled = False  # use the torch.compile'd (fused) quantize / epilogue kernels
+        self.gelu = False  # apply the exact GELU in the epilogue (``fold_gelu``)
+        self.packed_weight: Tensor | None = None  # oneDNN's prepacked weight_int8 (``onednn_prepack``)
         self.siblings: FusedSiblings | None = None  # computed in one GEMM with its siblings
         self.columns = slice(None)  # this layer's output columns in the siblings' GEMM
 
@@ -141,12 +215,31 @@ class Int8Linear(nn.Module):
             return fn(x2, self.act_qmax)
         return quantize_static(x2, self.act_scale, self.act_qmax)
 
-    def matmul(self, x: Tensor, weight_int8: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
-        """Quantize ``x`` and multiply by int8 ``weight_int8`` (N, K): ``(..., N)`` in ``x``'s dtype."""
+    def matmul(
+        self,
+        x: Tensor,
+        weight_int8: Tensor,
+        weight_scale: Tensor,
+        bias: Tensor | None,
+        packed: Tensor | None = None,
+        residual: Tensor | None = None,
+        norm: tuple[Tensor, Tensor, float] | None = None,
+    ) -> Tensor:
+        """Quantize ``x`` and multiply by int8 ``weight_int8`` (N, K): ``(..., N)`` in ``x``'s dtype.
+
+        ``packed`` (oneDNN's prepacked ``weight_int8``) runs the GEMM with the per-row scale in
+        its epilogue; otherwise ``torch._int_mm`` gives the int32 sums and the epilogue scales them.
+        ``residual`` / ``norm``: see ``epilogue``.
+        """
         codes, a_scale = self.quantize_input(x)
-        acc = torch._int_mm(codes, weight_int8.t())  # (M, N) int32, exact
-        fn = _compiled("rescale") if self._use_compiled() else rescale
-        y = fn(acc, weight_scale, a_scale, bias)
+        if packed is not None:
+            y, w_scale = onednn_gemm(codes, packed, weight_scale), None
+        else:
+            y, w_scale = torch._int_mm(codes, weight_int8.t()), weight_scale  # (M, N) int32, exact
+        if residual is not None:
+            residual = residual.reshape(y.shape)
+        fn = _compiled("epilogue") if self._use_compiled() else epilogue
+        y = fn(y, w_scale, a_scale, bias, self.gelu, residual, norm)
         return y.to(x.dtype).reshape(*x.shape[:-1], weight_int8.shape[0])
 
     def _use_compiled(self) -> bool:
@@ -156,14 +249,65 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.siblings is not None:
             return self.siblings.output(x)[..., self.columns]
-        return self.matmul(x, self.weight_int8, self.weight_scale, self.bias)
+        return self.matmul(x, self.weight_int8, self.weight_scale, self.bias, self.packed_weight)
 
     def extra_repr(self) -> str:
         act = "dynamic per-token" if self.act_scale is None else "static"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, activation=int{self.act_qmax.bit_length() + 1} {act}"
+            + (", gelu" if self.gelu else "")
+            + (", onednn" if self.packed_weight is not None else "")
         )
+
+
+# HF blocks whose forward is exactly ``LayerNorm(dropout(dense(hidden_states)) + input_tensor)``.
+RESIDUAL_NORM_BLOCKS = ("BertSelfOutput", "BertOutput", "RobertaSelfOutput", "RobertaOutput")
+
+
+class Int8ResidualNorm(nn.Module):
+    """An HF ``*SelfOutput`` / ``*Output`` block whose residual add and LayerNorm run in the int8 linear's epilogue.
+
+    ``forward(hidden_states, input_tensor) = LayerNorm(dense(hidden_states) + input_tensor)``
+    as the block it replaces computes it in eval mode (dropout is the identity); the
+    submodules keep their names (``dense``, ``LayerNorm``), so state dict keys are unchanged.
+    """
+
+    def __init__(self, dense: Int8Linear, norm: nn.LayerNorm):
+        super().__init__()
+        self.dense, self.LayerNorm = dense, norm
+
+    @staticmethod
+    def supports(block: nn.Module) -> bool:
+        dense = getattr(block, "dense", None)
+        return (
+            type(block).__name__ in RESIDUAL_NORM_BLOCKS
+            and isinstance(dense, Int8Linear)
+            and dense.siblings is None
+            and not dense.gelu
+            and type(getattr(block, "LayerNorm", None)) is nn.LayerNorm
+            and block.LayerNorm.elementwise_affine
+            and block.LayerNorm.bias is not None
+            and len(block.LayerNorm.normalized_shape) == 1
+            and isinstance(getattr(block, "dropout", None), nn.Dropout)
+        )
+
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        d, ln = self.dense, self.LayerNorm
+        norm = (ln.weight, ln.bias, ln.eps)
+        return d.matmul(
+            hidden_states, d.weight_int8, d.weight_scale, d.bias, d.packed_weight, input_tensor, norm
+        )
+
+
+def fold_residual_norm(model: nn.Module) -> list[str]:
+    """Swap each supported residual + LayerNorm block for an ``Int8ResidualNorm`` (in place); returns their names."""
+    names = [n for n, m in model.named_modules() if n and Int8ResidualNorm.supports(m)]
+    for name in names:
+        block = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, Int8ResidualNorm(block.dense, block.LayerNorm))
+    return names
 
 
 UNPADDED_ATTENTION = "xtc_unpadded"
@@ -188,6 +332,8 @@ def unpadded_attention(
     heads, dim = query.shape[1], query.shape[3]
 
     def to_grid(x: Tensor) -> Tensor:
+        if grid.full:  # no padding: the packed tokens are the grid, row by row
+            return x[0].transpose(0, 1).reshape(grid.batch, grid.length, heads, dim).transpose(1, 2)
         out = x.new_zeros(grid.batch * grid.length, heads, dim)
         out.index_copy_(0, grid.index, x[0].transpose(0, 1))
         return out.view(grid.batch, grid.length, heads, dim).transpose(1, 2)
@@ -198,9 +344,12 @@ def unpadded_attention(
     else:  # transformers' eager formula: additive mask, softmax, weighted sum
         scale = dim**-0.5 if scaling is None else scaling
         scores = torch.matmul(q, k.transpose(2, 3)) * scale
-        scores = scores.masked_fill(~grid.key_mask, torch.finfo(scores.dtype).min)
+        if grid.key_mask is not None:
+            scores = scores.masked_fill(~grid.key_mask, torch.finfo(scores.dtype).min)
         out = torch.matmul(F.softmax(scores, dim=-1), v)
-    out = out.transpose(1, 2).reshape(grid.batch * grid.length, heads, dim).index_select(0, grid.index)
+    out = out.transpose(1, 2).reshape(grid.batch * grid.length, heads, dim)
+    if not grid.full:
+        out = out.index_select(0, grid.index)
     return out.unsqueeze(0), None
 
 
@@ -216,7 +365,8 @@ class _PaddingGrid:
         self.length = int(real.any(0).nonzero().max()) + 1  # up to the last column holding a real token
         real = real[:, : self.length]
         self.index = real.reshape(-1).nonzero().squeeze(1)
-        self.key_mask = real[:, None, None, :]
+        self.full = self.index.numel() == real.numel()  # every position is a real token
+        self.key_mask = None if self.full else real[:, None, None, :]  # None: every key is real
         counts = real.sum(1)
         self.first = torch.cumsum(counts, 0) - counts  # each sentence's first token in the packed order
         self.sdpa = sdpa
@@ -226,8 +376,18 @@ class _PaddingGrid:
         return t[:, : self.length].reshape(-1).index_select(0, self.index).unsqueeze(0)
 
 
+# Inputs of at most this many real tokens run on one thread (``UnpaddedForward``): each of the
+# forward's ~60 small ops would otherwise pay a thread synchronisation (batch 1 at 2 threads
+# was slower than at 1 thread). GLUE sentences are ~10-60 tokens.
+SERIAL_TOKENS = 64
+
+
 class UnpaddedForward:
-    """A BERT-style classifier's forward over the real tokens only (installed as ``model.forward``)."""
+    """A BERT-style classifier's forward over the real tokens only (installed as ``model.forward``).
+
+    Inputs with at most ``SERIAL_TOKENS`` real tokens run on one intra-op thread (the
+    process's thread count is restored afterwards).
+    """
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -267,9 +427,19 @@ class UnpaddedForward:
                 token_type_ids=token_type_ids,
                 **kwargs,
             )
+        grid = _PaddingGrid(attention_mask, sdpa=self.model.config._attn_implementation != "eager")
+        threads = torch.get_num_threads()
+        if threads == 1 or grid.index.numel() > SERIAL_TOKENS:
+            return self.packed_forward(input_ids, token_type_ids, grid)
+        torch.set_num_threads(1)  # few tokens: thread synchronisation would cost more than it saves
+        try:
+            return self.packed_forward(input_ids, token_type_ids, grid)
+        finally:
+            torch.set_num_threads(threads)
+
+    def packed_forward(self, input_ids: Tensor, token_type_ids: Tensor | None, grid: _PaddingGrid):
         model, base = self.model, self.model.base_model
         config = model.config
-        grid = _PaddingGrid(attention_mask, sdpa=config._attn_implementation != "eager")
         positions = torch.arange(grid.length, device=input_ids.device).expand(grid.batch, -1)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -305,6 +475,7 @@ class FusedSiblings:
         self.weight_int8 = torch.cat([m.weight_int8 for m in members])
         self.weight_scale = torch.cat([m.weight_scale for m in members])
         self.bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
+        self.packed_weight = None if self.lead.packed_weight is None else onednn_prepack(self.weight_int8)
         start = 0
         for m in members:
             m.siblings, m.columns = self, slice(start, start + m.out_features)
@@ -319,9 +490,36 @@ class FusedSiblings:
 
     def output(self, x: Tensor) -> Tensor:
         if self.x is not x:
-            self.y = self.lead.matmul(x, self.weight_int8, self.weight_scale, self.bias)
+            self.y = self.lead.matmul(x, self.weight_int8, self.weight_scale, self.bias, self.packed_weight)
             self.x = x
         return self.y
+
+
+def fold_gelu(model: nn.Module) -> list[str]:
+    """Move each exact GELU that directly follows an ``Int8Linear`` into that linear's epilogue (in place).
+
+    Matches the HF intermediate block (``dense`` then ``intermediate_act_fn``, e.g.
+    ``BertIntermediate``): when ``dense`` is an ``Int8Linear`` computed on its own (no
+    siblings) and the activation is transformers' ``GELUActivation`` with the erf GELU
+    (``nn.functional.gelu``), the linear applies it and the activation becomes
+    ``nn.Identity``. Returns the names of the linears that took a GELU.
+    """
+    from transformers.activations import GELUActivation
+
+    folded = []
+    for name, module in model.named_modules():
+        dense, act = getattr(module, "dense", None), getattr(module, "intermediate_act_fn", None)
+        if (
+            isinstance(dense, Int8Linear)
+            and dense.siblings is None
+            and not dense.gelu
+            and type(act) is GELUActivation
+            and act.act is F.gelu
+        ):
+            dense.gelu = True
+            module.intermediate_act_fn = nn.Identity()
+            folded.append(f"{name}.dense" if name else "dense")
+    return folded
 
 
 def optimize_for_inference(
@@ -330,6 +528,7 @@ def optimize_for_inference(
     compile: bool = True,
     fuse_siblings: bool = True,
     unpad: bool = True,
+    prepack: bool = True,
 ) -> nn.Module:
     """Swap every supported quantized linear for an ``Int8Linear`` (in place); returns ``model`` in eval mode.
 
@@ -341,10 +540,17 @@ def optimize_for_inference(
     kernels (first call compiles, ~20 s; falls back to eager ops if compiling fails).
     ``fuse_siblings`` runs the int8 linears of one parent module that read the same input
     (query / key / value) as one GEMM (``FusedSiblings``). ``unpad`` installs ``UnpaddedForward`` (BERT-style
-    classifiers; see the module docstring). ``model.int8_summary`` records
-    ``{"int8": [...names], "fallback": [...names], "unpadded": bool}``.
+    classifiers; see the module docstring). ``prepack`` runs the GEMMs on oneDNN's prepacked
+    weights with the per-row scale in the GEMM's epilogue (``onednn_gemm``; where this torch
+    build has the op and it is exact here), else ``torch._int_mm``; the prepacked copies are
+    plain attributes, outside the state dict (``prepack=False`` for ``torch.export``). The
+    exact GELU after an int8 linear runs in that linear's epilogue (``fold_gelu``), and so do the
+    residual add and LayerNorm of HF's output blocks (``fold_residual_norm``).
+    ``model.int8_summary`` records ``{"int8": [...names], "fallback": [...names], "unpadded":
+    bool}``.
     """
     use_compile = compile and _can_compile()
+    use_prepack = prepack and _can_prepack()
     fast, fallback = [], []
     groups: dict[tuple, list[Int8Linear]] = {}
     for name, module in list(model.named_modules()):
@@ -356,6 +562,8 @@ def optimize_for_inference(
             continue
         parent, _, child = name.rpartition(".")
         new.compiled = use_compile
+        if use_prepack:
+            new.packed_weight = onednn_prepack(new.weight_int8)
         groups.setdefault((parent, *FusedSiblings.key(new)), []).append(new)
         setattr(model.get_submodule(parent), child, new)
         fast.append(name)
@@ -363,6 +571,8 @@ def optimize_for_inference(
         for members in groups.values():
             if len(members) > 1:
                 FusedSiblings(members)
+    fold_gelu(model)
+    fold_residual_norm(model)
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if attn_implementation is not None and current is not None and current != attn_implementation:
         model.set_attn_implementation(attn_implementation)
@@ -387,12 +597,39 @@ def _can_compile() -> bool:
     return bool(_COMPILED["ok"])
 
 
+def _can_prepack() -> bool:
+    """True if ``onednn_gemm`` exists here and equals ``torch._int_mm`` times the row scale, bit for bit."""
+    if "prepack" not in _COMPILED:
+        ok = False
+        g = torch.Generator().manual_seed(0)
+        w = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8)
+        codes = torch.randint(-127, 128, (5, 40), generator=g, dtype=torch.int8)
+        scale = torch.rand(24, generator=g)
+        packed = onednn_prepack(w)
+        if packed is not None:
+            try:
+                with torch.inference_mode():
+                    ok = torch.equal(onednn_gemm(codes, packed, scale), torch._int_mm(codes, w.t()) * scale)
+            except RuntimeError:
+                ok = False
+        _COMPILED["prepack"] = ok
+    return bool(_COMPILED["prepack"])
+
+
 def load_runtime(
-    path: str | Path, attn_implementation: str | None = "sdpa", compile: bool = True, unpad: bool = True
+    path: str | Path,
+    attn_implementation: str | None = "sdpa",
+    compile: bool = True,
+    unpad: bool = True,
+    prepack: bool = True,
 ) -> nn.Module:
     """``optimize_for_inference(load_packed(path))``: the fast CPU model of a packed file."""
     from xtc_lightning.export.packed import load_packed
 
     return optimize_for_inference(
-        load_packed(path), attn_implementation=attn_implementation, compile=compile, unpad=unpad
+        load_packed(path),
+        attn_implementation=attn_implementation,
+        compile=compile,
+        unpad=unpad,
+        prepack=prepack,
     )
