@@ -228,11 +228,12 @@ class Int8Linear(nn.Module):
         """Quantize ``x`` and multiply by int8 ``weight_int8`` (N, K): ``(..., N)`` in ``x``'s dtype.
 
         ``packed`` (oneDNN's prepacked ``weight_int8``) runs the GEMM with the per-row scale in
-        its epilogue; otherwise ``torch._int_mm`` gives the int32 sums and the epilogue scales them.
+        its epilogue; otherwise (and while torch.export traces: the prepacked tensor is opaque)
+        ``torch._int_mm`` gives the int32 sums and the epilogue scales them.
         ``residual`` / ``norm``: see ``epilogue``.
         """
         codes, a_scale = self.quantize_input(x)
-        if packed is not None:
+        if packed is not None and not torch.compiler.is_compiling():  # torch.export: plain _int_mm
             y, w_scale = onednn_gemm(codes, packed, weight_scale), None
         else:
             y, w_scale = torch._int_mm(codes, weight_int8.t()), weight_scale  # (M, N) int32, exact
