@@ -34,9 +34,11 @@ class PlainProgress(L.Callback):
         self.every = max(1, every_n_steps)
         self.t0 = time.perf_counter()
         self.step0 = 0
+        self.trained = False  # no fit yet: a validation now scores the stage's starting point
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.t0, self.step0 = time.perf_counter(), trainer.global_step
+        self.trained = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -63,7 +65,9 @@ class PlainProgress(L.Callback):
         score = trainer.callback_metrics.get("val/score")
         if score is None:
             return
-        if trainer.state.fn == "validate":  # the re-evaluation of the selected checkpoint
+        if trainer.state.fn == "validate" and not self.trained:  # before the stage's first step
+            log.info("%s before training val/score %.4f", self.stage, float(score))
+        elif trainer.state.fn == "validate":  # the re-evaluation of the selected checkpoint
             log.info("%s selected checkpoint val/score %.4f", self.stage, float(score))
         else:
             log.info("%s epoch %d val/score %.4f", self.stage, trainer.current_epoch, float(score))

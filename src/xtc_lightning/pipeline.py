@@ -155,7 +155,6 @@ def fit_and_evaluate(
         start_score = module.last_val["score"]
         if is_rank_zero():
             write_json_atomic(start, {"score": start_score, "metrics": module.last_val["splits"]})
-        log.info("%s: dev score before training %.4f", stage, start_score)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_time = time.perf_counter() - t0
     last = module.last_val
