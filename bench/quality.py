@@ -274,6 +274,35 @@ def update_benchmarks_md(body: str) -> None:
     update_section("quality", "Quality (GLUE dev)", body)
 
 
+# The recipe screen's table: plain W1A8 and every recipe / mixed-precision variant, per task.
+SCREEN = ["l3_w1a8", *(v for v in VARIANTS if v.startswith("l3_w1a8_") and VARIANT_TASKS.get(v) is None)]
+
+
+def render_screen(table: dict) -> str:
+    lines = [
+        "| task | variant | dev score | right after quantization | vs 3L W1A8 | of the teacher |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, row in table.items():
+        plain, teacher = row.get("l3_w1a8"), row.get("teacher")
+        for v in SCREEN:
+            r = row.get(v)
+            if r is None:
+                continue
+            score = (
+                fmt(r["score"])
+                if r["std"] is None
+                else f"{fmt(r['score'])} ± {fmt(r['std'])} ({len(r['runs'])} seeds)"
+            )
+            delta = "" if plain is None or v == "l3_w1a8" else f"{100 * (r['score'] - plain['score']):+.1f}"
+            kept = "" if teacher is None else fmt(r["score"] / teacher["score"], "%")
+            lines.append(
+                f"| {task} | {LABELS[v]} | {score} ({r['wall_time_s'] / 60:.0f} min) | "
+                f"{fmt(r['score_at_start'])} | {delta} | {kept} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
@@ -304,7 +333,19 @@ def main() -> None:
         "include their own reduce stage (the other 3L students reuse the fp32 run's). Produced by `python bench/quality.py` (settings in that file).\n\n"
         + render(table)
     )
-    update_benchmarks_md(body)
+    if all(table[t].get(v) for t in TASKS for v in MAIN):  # never overwrite the table with a partial one
+        update_benchmarks_md(body)
+    else:
+        print("[quality] the main table needs every task's MAIN runs here: its section is left as it is")
+    update_section(
+        "quality_recipes",
+        "Quality: 1-bit recipes (issue 12 screen)",
+        "3L W1A8 students of the MiniLM teacher, quantize stage only varied (same cached teacher and 3L fp32 "
+        "student per task; `quantize.seed` for seeds). *Right after quantization*: the dev score of the "
+        "binarized fp32 student before any quantize step. Settings and overrides: `bench/quality.py`; run "
+        "with `python bench/quality.py --tasks stsb --variants l3_w1a8 l3_w1a8_ramp ... --threads 1`.\n\n"
+        + render_screen(table),
+    )
 
 
 if __name__ == "__main__":
