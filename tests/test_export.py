@@ -196,7 +196,7 @@ def test_float16_export_is_close_and_reexport_is_stable(tmp_path):
 
 
 def test_unquantized_model_exports_with_fp32_config(tmp_path):
-    model = tiny_model(None)
+    model = tiny_model(None, num_labels=1)  # STS-B: one regression output
     report = export_packed(model, tmp_path / "m.safetensors", quant_cfg=QuantConfig(), task="stsb")
     assert report.quantized_params == 0 and report.packed_weight_bytes == 0
     loaded = load_packed(tmp_path / "m.safetensors")

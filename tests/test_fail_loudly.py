@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -70,7 +71,8 @@ def test_non_finite_weights_are_never_cached_or_exported(tmp_path):
         model.classifier.weight[0, 0] = float("nan")
     cache = tmp_path / "cache" / "teachers" / "rte-x"
     with pytest.raises(
-        UserError, match=r"teacher \(before caching it\): non-finite weights .*'classifier.weight'"
+        UserError,
+        match=r"teacher \(before caching it\): non-finite weights \(NaN/inf\) in 'classifier.weight'",
     ):
         pipeline.publish_to_cache(cache, {"stage": "teacher", "predictions": {}}, model, None)
     assert not cache.parent.exists() or not any(cache.parent.iterdir())
@@ -131,7 +133,10 @@ def test_packed_reader_refuses_non_finite_scales_even_with_a_valid_checksum(tmp_
         tensors[name][0] = float("nan")
 
     bad = resign(_packed(tmp_path), tmp_path / "nan.safetensors", edit_tensors=nan_scale)
-    with pytest.raises(UserError, match=r"'bert.encoder.layer.0.attention.self.query.weight' has non-finite"):
+    with pytest.raises(
+        UserError,
+        match=r"'bert.encoder.layer.0.attention.self.query.weight' has non-finite scales \(NaN/inf\)",
+    ):
         load_packed(bad)
 
 
@@ -408,3 +413,72 @@ def test_override_keys_check_passes_hydra_grammar_and_names_nested_typos():
         match=r"unknown config key 'data.batchsize' in 'data.batchsize=8'; did you mean 'data.batch_size'\?",
     ):
         check_override_keys(["data.batchsize=8"])
+
+
+# ----------------------------------------------------------------------------- 9. checksum is not authentication
+
+
+def _edit_json(meta: dict, key: str, edit) -> None:
+    value = json.loads(meta[key])
+    edit(value)
+    meta[key] = json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda m: m.update(task=json.dumps("mnli")),
+            r"impossible metadata: task 'mnli' has 3 label\(s\) .*the stored classifier has 2",
+        ),
+        (
+            lambda m: m.update(task=json.dumps("nosuchtask")),
+            r"impossible metadata: unknown task 'nosuchtask'",
+        ),
+        (
+            lambda m: _edit_json(m, "quant", lambda q: q["activation"].update(bits=16)),
+            r"impossible metadata: quant.activation.bits=16 is not supported: accepted 4 or 8",
+        ),
+        (
+            lambda m: _edit_json(m, "quant", lambda q: q["activation"].update(bits=4)),
+            r"impossible metadata: module '.*' is stored as .*symmetric 8b.*, not as the file's quant config says",
+        ),
+    ],
+    ids=["task-labels", "unknown-task", "activation-bits-16", "activation-bits-disagree"],
+)
+def test_re_signed_impossible_metadata_is_refused(tmp_path, edit, message):
+    from xtc_lightning.export import load_packed
+
+    bad = resign(_packed(tmp_path), tmp_path / "edited.safetensors", edit_meta=edit)
+    with pytest.raises(UserError, match=message) as err:
+        load_packed(bad)
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_export_refuses_a_classifier_whose_label_count_differs_from_the_task(tmp_path):
+    from test_export import CONFIGS, tiny_model
+    from xtc_lightning.export import export_packed
+
+    with pytest.raises(UserError, match=r"cannot export a 3-label classifier as task 'rte' \(2 label\(s\)\)"):
+        export_packed(
+            tiny_model(CONFIGS["w1a8"], num_labels=3),
+            tmp_path / "m.safetensors",
+            quant_cfg=CONFIGS["w1a8"],
+            task="rte",
+        )
+
+
+def test_readme_bad_input_table_is_asserted():
+    """Every message of the README's "Bad input" table is asserted by a test (regex escapes aside)."""
+    from conftest import REPO
+
+    section = (REPO / "README.md").read_text().split("\n### Bad input\n", 1)[1].split("\n#", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| input")]
+    sources = "".join(
+        (REPO / "tests" / name).read_text()
+        for name in ("test_fail_loudly.py", "test_train_teacher.py", "test_export.py")
+    ).replace("\\", "")
+    messages = [row.split(" | ")[1].strip(" |`") for row in rows]
+    assert len(messages) >= 25
+    missing = [m for m in messages if m not in sources]
+    assert not missing, missing

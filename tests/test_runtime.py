@@ -199,7 +199,7 @@ def test_fallback_layer_in_a_model_is_exact(tmp_path):
         }
     )
     path = tmp_path / "m.safetensors"
-    export_packed(tiny_bert(cfg), path, quant_cfg=cfg, task="rte", other_dtype="float32")
+    export_packed(tiny_bert(cfg), path, quant_cfg=cfg, task="mnli", other_dtype="float32")
     reference = load_packed(path)
     fast = load_runtime(path, attn_implementation="eager", unpad=False)
     assert fast.int8_summary == {"int8": [], "fallback": fast.int8_summary["fallback"], "unpadded": False}

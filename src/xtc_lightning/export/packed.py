@@ -91,6 +91,11 @@ def export_packed(
         raise UserError(f"other_dtype={other_dtype!r} is not accepted: {' | '.join(STORED_DTYPES)}")
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
         raise UserError(f"cannot export {type(model).__name__}: not a Hugging Face model (no .config)")
+    if model.config.num_labels != task.num_labels:
+        raise UserError(
+            f"cannot export a {model.config.num_labels}-label classifier as task '{task.name}' "
+            f"({task.num_labels} label(s))"
+        )
     modules = _quantized_modules(model, quant)
     state = model.state_dict()
     weights: dict[str, WeightCodes] = {}
@@ -222,6 +227,7 @@ def load_packed(path: str | Path) -> nn.Module:
     """Rebuild the model from a packed file alone, in eval mode (see the module docstring)."""
     packed = read_packed(path)
     model = _build_model(packed)
+    _check_semantics(packed, model)
     for entry in _entries(packed):
         _restore_module(model, entry, packed)
     state = dict(packed.plain)
@@ -255,6 +261,36 @@ def _build_model(packed: PackedFile) -> nn.Module:
             f"{where}: the file holds a {meta.get('model_class')}, but its config builds a {type(model).__name__}"
         )
     return model
+
+
+def _check_semantics(packed: PackedFile, model: nn.Module) -> None:
+    """Refuse metadata that is consistent with its checksum but impossible (the checksum detects
+    corruption, it does not authenticate: anyone can edit a file and recompute it): a quant config
+    outside the supported set, module specs that differ from it, a task unknown or whose labels
+    differ from the classifier's. Non-finite scales are refused by ``read_packed``."""
+    meta, where = packed.metadata, packed.header.path
+    try:
+        quant = QuantConfig.from_dict(meta.get("quant") or {})
+        for entry in _entries(packed):
+            spec = QuantConfig.from_dict(
+                {"weight": entry.get("weight") or {}, "activation": entry.get("activation") or {}}
+            )
+            act = spec.activation if entry.get("activation") else None
+            if spec.weight != quant.weight or (act is not None and act != quant.activation):
+                raise UserError(
+                    f"module '{entry.get('name')}' is stored as weight={spec.weight.describe()}, "
+                    f"activation={spec.activation.describe()}, not as the file's quant config says"
+                )
+        task = get_task(str(meta.get("task")))
+    except UserError as err:
+        raise UserError(f"{where}: impossible metadata: {err}") from None
+    labels = list(task.label_names or ("score",)) if task.is_regression else list(task.label_names)
+    if model.config.num_labels != task.num_labels or list(meta.get("labels") or []) != list(task.label_names):
+        raise UserError(
+            f"{where}: impossible metadata: task '{task.name}' has {task.num_labels} label(s) "
+            f"{labels}, the stored classifier has {model.config.num_labels} and the file lists "
+            f"{meta.get('labels')}"
+        )
 
 
 def _entries(packed: PackedFile) -> list[dict]:
