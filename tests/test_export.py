@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -591,3 +592,15 @@ def test_export_cli_prints_the_size_table(finished_run, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "is not a finished run folder" in err
+
+
+def test_readme_runtime_example_runs(finished_run):
+    """The README's Python example, as written, on this run's packed file (RTE: 2 labels)."""
+    from conftest import REPO
+
+    (example,) = re.findall(r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), flags=re.S | re.M)
+    packed = finished_run / "export" / "model.safetensors"
+    assert packed.is_file() and '"runs/<...>/export/model.safetensors"' in example
+    scope: dict = {}
+    exec(example.replace("runs/<...>/export/model.safetensors", str(packed)), scope)
+    assert scope["logits"].shape == (len(scope["sentences"]), 2)
