@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -782,3 +783,15 @@ def test_mixed_precision_packs_each_role_at_its_own_width(tmp_path):
     meta = read_packed(tmp_path / "mixed.safetensors").metadata
     assert meta["quant"]["weight_by_target"]["query"] == {"method": "symmetric", "bits": 8, "groups": "row"}
     assert quantization_summary(model).params_by_bits.keys() == {1, 2, 8, 32}
+
+
+def test_readme_runtime_example_runs(finished_run):
+    """The README's Python example, as written, on this run's packed file (RTE: 2 labels)."""
+    from conftest import REPO
+
+    (example,) = re.findall(r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), flags=re.S | re.M)
+    packed = finished_run / "export" / "model.safetensors"
+    assert packed.is_file() and '"runs/<...>/export/model.safetensors"' in example
+    scope: dict = {}
+    exec(example.replace("runs/<...>/export/model.safetensors", str(packed)), scope)
+    assert scope["logits"].shape == (len(scope["sentences"]), 2)

@@ -23,9 +23,19 @@ def test_full_pipeline_tiny_bert(tmp_path, glue_dir, tiny_bert_dir):
         "task=rte", f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", "quant=binary",
         "data.max_train_examples=64", "data.max_length=64", "trainer.max_epochs=1", "optim.lr=1e-3",
     ]  # fmt: skip
-    proc = run_train(args, tmp_path, glue_dir)
+    proc = run_train([*args, "progress=bar", "trainer.log_every_n_steps=1"], tmp_path, glue_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = run_dirs(tmp_path)
+    # the console: one model summary per stage, no Lightning table (FLOPs 0) nor bar's v_num
+    console = proc.stdout + proc.stderr
+    assert [line.split(" - ")[-1] for line in console.splitlines() if line.endswith(" model:")] == [
+        "teacher model:", "reduce model:", "quantize model:",
+    ]  # fmt: skip
+    assert "FLOPs" not in console and "v_num" not in console
+    for stage in ("teacher", "reduce", "quantize"):  # the learning rate of every step, in the CSV log
+        rows = list(csv.DictReader((run / "logs" / stage / "metrics.csv").read_text().splitlines()))
+        lrs = [float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")]
+        assert len(lrs) == 2 and lrs[0] > 0, stage  # 64 examples / batch 32
     results = json.loads((run / "results.json").read_text())
     stages = results["stages"]
     assert list(stages) == ["teacher", "reduce", "quantize"] and results["final_stage"] == "quantize"

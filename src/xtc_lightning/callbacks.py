@@ -1,4 +1,5 @@
-"""Trainer callbacks: progress lines for batch jobs, and what a resumed run needs in its checkpoints."""
+"""Trainer callbacks: the console (model summary, progress bar or lines for batch jobs), and what a
+resumed run needs in its checkpoints."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, RichProgressBar
 
 from xtc_lightning.errors import UserError
 
@@ -24,6 +25,40 @@ def want_progress_bar(progress: str) -> bool:
     if progress == "plain":
         return False
     return sys.stderr.isatty() and "SLURM_JOB_ID" not in os.environ
+
+
+class StageSummary(L.Callback):
+    """Log the module's parameters once per stage, when its fit starts (rank 0): one line per
+    child module (``name Type params``) and the trainable / frozen totals. Replaces Lightning's
+    summary table, whose FLOPs column is always 0 here (no example input)."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        lines = []
+        for name, child in pl_module.named_children():
+            n = sum(p.numel() for p in child.parameters())
+            if n:
+                lines.append(f"  {name:<10} {type(child).__name__:<34} {n / 1e6:8.2f}M params")
+        params = list(pl_module.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        frozen = sum(p.numel() for p in params if not p.requires_grad)
+        log.info(
+            "%s model:\n%s\n  trainable %.2fM, frozen %.2fM",
+            self.stage, "\n".join(lines), trainable / 1e6, frozen / 1e6,
+        )  # fmt: skip
+
+
+class StageProgressBar(RichProgressBar):
+    """Lightning's rich bar without ``v_num`` (the logger version: here the stage name, cut)."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 class PlainProgress(L.Callback):

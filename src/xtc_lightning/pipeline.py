@@ -24,12 +24,20 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
 from xtc_lightning.augment import AugmentConfig, augment_train_set, check_masked_lm
-from xtc_lightning.callbacks import FiniteLoss, LastCheckpoint, PlainProgress, RngState, want_progress_bar
+from xtc_lightning.callbacks import (
+    FiniteLoss,
+    LastCheckpoint,
+    PlainProgress,
+    RngState,
+    StageProgressBar,
+    StageSummary,
+    want_progress_bar,
+)
 from xtc_lightning.config import STAGES, check_config, stage_seed
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.distill import check_distill_config, enable_attention_scores
@@ -107,10 +115,14 @@ def make_trainer(
         mode="max",
     )
     last = LastCheckpoint(stage_dir / "checkpoints", cfg.checkpoint.every_n_train_steps)
-    callbacks = [FiniteLoss(stage), checkpoint, last, RngState()]
-    if not bar:
+    callbacks = [FiniteLoss(stage), checkpoint, last, RngState(), StageSummary(stage)]
+    if bar:
+        callbacks.append(StageProgressBar())
+    else:
         callbacks.append(PlainProgress(stage, trainer_kwargs.get("log_every_n_steps") or 50))
     loggers = stage_loggers(cfg, stage, stage_dir.parent)
+    if loggers:  # the learning rate of every step, beside the losses (CSV: lr-AdamW)
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     try:
         trainer = L.Trainer(
             **trainer_kwargs,
@@ -118,7 +130,7 @@ def make_trainer(
             callbacks=callbacks,
             logger=loggers or False,
             enable_progress_bar=bar,
-            enable_model_summary=bar,
+            enable_model_summary=False,  # StageSummary
         )
     except (MisconfigurationException, ValueError) as err:
         hardware = ", ".join(f"{k}={trainer_kwargs.get(k)}" for k in ("accelerator", "devices", "precision"))
