@@ -157,8 +157,9 @@ def model_card(results: dict, cfg: dict, overrides: list[str], summary: dict) ->
         'classify = pipeline("text-classification", model="<this folder>")',
         "```",
         "",
-        "`AutoModelForSequenceClassification.from_pretrained` works the same way. Without the "
-        "`xtc-lightning` package transformers does not know `quant_method: xtc`: use the packed file "
+        "`AutoModelForSequenceClassification.from_pretrained` works the same way. Without "
+        "`import xtc_lightning` transformers does not know `quant_method: xtc` (it warns and leaves the "
+        "quantized layers' weights uninitialized): use the packed file "
         "with `xtc_lightning.export.load_packed`, the ONNX model (`xtc-export RUN_DIR --onnx`), or "
         "the dequantized copy (`xtc-export RUN_DIR --hf-dequantized`).",
         "",

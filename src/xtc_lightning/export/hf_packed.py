@@ -29,8 +29,10 @@ for; floating tensors stored narrower are widened exactly, as ``load_packed`` do
 same tensors, byte for byte. ``load_runtime``'s ``optimize_for_inference`` accepts the
 loaded model (its layers are ``PackedLinear``s with ``codes``).
 
-Without the package, transformers does not know ``quant_method: xtc`` and refuses to guess:
-use the dequantized fp32 copy (``hf.py``) for such tools.
+Without ``import xtc_lightning``, transformers does not know ``quant_method: xtc``: it warns,
+skips the quantization config and loads the rest, leaving every quantized layer's weight
+missing (randomly initialized, listed as missing keys). Import the package first, or give such
+tools the dequantized fp32 copy (``hf.py``).
 """
 
 from __future__ import annotations
