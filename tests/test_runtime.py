@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -356,6 +357,7 @@ def test_runtime_holds_bit_packed_codes_and_keeps_outputs(low_memory, tmp_path):
     assert all(m.weight_int8 is None and m.weight_bits.dtype == torch.uint8 for m in linears)
     assert all((m.siblings or m).packed_weight is None for m in linears) == low_memory
     assert runtime_bytes(fast) < runtime_bytes(plain) < runtime_bytes(reference)
+    copied = copy.deepcopy(fast)  # the prepacked oneDNN weights (opaque tensors) are shared, not copied
     with torch.inference_mode():
         ids = torch.randint(0, 300, (3, 11))
         assert torch.equal(emb(ids), reference.bert.embeddings.word_embeddings(ids))  # bit for bit
@@ -363,4 +365,5 @@ def test_runtime_holds_bit_packed_codes_and_keeps_outputs(low_memory, tmp_path):
             x = inputs(n, length, seed)
             out, ref = fast(**x).logits, plain(**x).logits
             assert torch.equal(out, ref)  # the same codes and GEMM results, whatever holds them
+            assert torch.equal(copied(**x).logits, out)
             close(out, reference(**x).logits)

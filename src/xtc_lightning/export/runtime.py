@@ -132,7 +132,18 @@ def _compiled(name: str):
 _ONE = torch.ones(())
 
 
-def onednn_prepack(weight_int8: Tensor) -> Tensor | None:
+class Prepacked:
+    """oneDNN's opaque prepacked weight. Read-only, so ``copy.deepcopy`` shares it (opaque
+    tensors have no storage to copy)."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+
+    def __deepcopy__(self, memo) -> Prepacked:
+        return self
+
+
+def onednn_prepack(weight_int8: Tensor) -> Prepacked | None:
     """oneDNN's prepacked form of int8 codes ``(N, K)`` for ``onednn_gemm``, or None where that op is missing.
 
     The packed weight is reordered once for the CPU's int8 GEMM kernel (``torch._int_mm``
@@ -143,19 +154,19 @@ def onednn_prepack(weight_int8: Tensor) -> Tensor | None:
     if op is None or not torch.backends.mkldnn.is_available():
         return None
     try:
-        return op(weight_int8.contiguous(), None)
+        return Prepacked(op(weight_int8.contiguous(), None))
     except RuntimeError:  # an oneDNN build without int8 matmul on this CPU
         return None
 
 
-def onednn_gemm(codes: Tensor, packed: Tensor, w_scale: Tensor) -> Tensor:
+def onednn_gemm(codes: Tensor, packed: Prepacked, w_scale: Tensor) -> Tensor:
     """``codes (M, K) int8 @ weight^T`` times ``w_scale[col]`` in fp32, in the GEMM's epilogue (oneDNN).
 
     The int32 sum is exact and the one fp32 product equals ``torch.mul(sum, w_scale)``
     (input scale 1, no zero points, no bias, no post-op).
     """
     return torch.ops.onednn.qlinear_pointwise.tensor(
-        codes, _ONE, None, packed, w_scale, None, None, 1.0, 0, torch.float32, "none", [], ""
+        codes, _ONE, None, packed.weight, w_scale, None, None, 1.0, 0, torch.float32, "none", [], ""
     )
 
 
@@ -184,7 +195,7 @@ class Int8Linear(nn.Module):
         self.act_qmax = act_qmax
         self.compiled = False  # use the torch.compile'd (fused) quantize / epilogue kernels
         self.gelu = False  # apply the exact GELU in the epilogue (``fold_gelu``)
-        self.packed_weight: Tensor | None = None  # oneDNN's prepacked weight_int8 (``onednn_prepack``)
+        self.packed_weight: Prepacked | None = None  # oneDNN's prepacked weight_int8 (``onednn_prepack``)
         self.codes_spec: tuple[str, int] | None = None  # (method, bits) of codes that ``compact`` can pack
         self.siblings: FusedSiblings | None = None  # computed in one GEMM with its siblings
         self.columns = slice(None)  # this layer's output columns in the siblings' GEMM
@@ -251,7 +262,7 @@ class Int8Linear(nn.Module):
         weight_int8: Tensor | None,
         weight_scale: Tensor,
         bias: Tensor | None,
-        packed: Tensor | None = None,
+        packed: Prepacked | None = None,
         residual: Tensor | None = None,
         norm: tuple[Tensor, Tensor, float] | None = None,
     ) -> Tensor:
@@ -647,10 +658,11 @@ def runtime_bytes(model: nn.Module) -> int:
     extra = []
     for m in model.modules():
         if isinstance(m, Int8Linear):
-            extra.append(m.packed_weight)
             g = m.siblings
+            extra += [m.packed_weight and m.packed_weight.weight]
             if g is not None:
-                extra += [g.weight_int8, g.weight_bits, g.packed_weight, g.weight_scale, g.bias]
+                extra += [g.weight_int8, g.weight_bits, g.packed_weight and g.packed_weight.weight]
+                extra += [g.weight_scale, g.bias]
     return held_bytes(model, extra)
 
 
