@@ -503,8 +503,13 @@ def main() -> None:
         default=str(REPO / "bench" / "out" / "quality" / "mrpc" / "l3_w1a8" / "export" / "model.safetensors"),
         help="a trained packed file whose dev score is measured with the reference and the runtime",
     )
+    ap.add_argument(
+        "--correctness-sentences", type=int, default=None, help="first N SST-2 dev sentences (default: all)"
+    )
     ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
     args = ap.parse_args()
+    if args.correctness_sentences is not None and args.correctness_sentences < 1:
+        ap.error(f"--correctness-sentences: {args.correctness_sentences}: must be >= 1")
     if any(t < 1 for t in args.threads):
         ap.error(f"--threads: {args.threads}: every thread count must be >= 1")
     from transformers.utils import logging as transformers_logging
@@ -524,7 +529,7 @@ def main() -> None:
         "cpu_flags": cpu_flags(),
         "machine": platform.machine(),
         "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "correctness": correctness(models, tokenizer, sentences),
+        "correctness": correctness(models, tokenizer, sentences[: args.correctness_sentences]),
         "memory": memory(models, file_bytes),
     }
     scenarios = {
