@@ -14,8 +14,12 @@ Models (all built in this process from all-MiniLM-L6-v2 + a seeded 2-label head)
                          bias-GELU), then ``quantize_dynamic(per_channel=True)`` (the other peer;
                          needs the ``onnx`` extra: ``pip install -e '.[onnx]'``; ``--no-onnx`` skips it)
     runtime_w1a8_3L      our runtime (``load_runtime`` of the same packed file): int8 x binary
-                         codes through ``torch._int_mm``, sdpa attention, padding skipped;
-                         ``runtime_w1a8_3L_padded`` the same computing every padded position
+                         codes through oneDNN's int8 GEMM on prepacked weights, compiled
+                         epilogues, sdpa attention, padding skipped;
+                         ``runtime_w1a8_3L_padded`` the same computing every padded position;
+                         ``runtime_w1a8_3L_int_mm`` the GEMMs as ``torch._int_mm`` (prepack=False);
+                         ``runtime_w1a8_3L_lowmem`` codes kept bit-packed, unpacked at each call
+                         (low_memory=True)
 
 Inputs are real token ids: SST-2 dev sentences tokenized with the MiniLM tokenizer, padded
 or truncated to ``--seq`` tokens (with their attention masks), and rows of ``--seq`` real
@@ -89,8 +93,9 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx", "amx")) or "vnni" in f)
 
 
-def build_models(workdir: Path, onnx: bool) -> tuple[dict[str, nn.Module], object, Path | None]:
-    """The models (see the module docstring), the tokenizer and the ONNX int8 file (None without ``onnx``)."""
+def build_models(workdir: Path, onnx: bool) -> tuple[dict[str, nn.Module], object, Path | None, int]:
+    """The models (see the module docstring), the tokenizer, the ONNX int8 file (None without ``onnx``)
+    and the packed file's size in bytes."""
     import yaml
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -123,8 +128,11 @@ def build_models(workdir: Path, onnx: bool) -> tuple[dict[str, nn.Module], objec
         **({"ortint8_3L": None} if onnx else {}),  # an ``OrtModel`` per thread count, set in main
         "runtime_w1a8_3L": load_runtime(packed),  # padding skipped (the default)
         "runtime_w1a8_3L_padded": load_runtime(packed, unpad=False),  # every padded position computed
+        # the routes measured against the default (see ROUTES)
+        "runtime_w1a8_3L_int_mm": load_runtime(packed, prepack=False),
+        "runtime_w1a8_3L_lowmem": load_runtime(packed, low_memory=True),
     }
-    return models, tokenizer, onnx_path
+    return models, tokenizer, onnx_path, packed.stat().st_size
 
 
 class _LogitsOnly(nn.Module):
@@ -204,6 +212,25 @@ class OrtModel:
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         (logits,) = self.session.run(None, {k: v.numpy() for k, v in feed.items()})
         return SequenceClassifierOutput(logits=torch.from_numpy(logits))
+
+
+def memory(models: dict, file_bytes: int) -> dict:
+    """Bytes of tensors each runtime variant (and the fake-quant reference) holds, and the packed file's size."""
+    from xtc_lightning.export.bitrows import held_bytes
+    from xtc_lightning.export.runtime import runtime_bytes
+
+    held = {n: runtime_bytes(m) for n, m in models.items() if n.startswith("runtime_w1a8_3L")}
+    held["fakequant_w1a8_3L"] = held_bytes(models["fakequant_w1a8_3L"])
+    return {"packed_file_bytes": file_bytes, "held_bytes": held}
+
+
+ROUTES = """Routes tried for the fused integer linear (this issue), measured in one process with interleaved rounds on the loaded machine:
+- **oneDNN int8 linear on prepacked weights** (`torch.ops.onednn.qlinear_pointwise`, weights reordered once by `qlinear_prepack`, per-row weight scale in the GEMM epilogue; input scale 1, so `sum * w_scale` is the same fp32 product as before, checked bit for bit at load): kept. `torch._int_mm` reorders the plain weight matrix on every call; on 4096 x 384 x 1152 the prepacked GEMM was ~1.3-3x faster than `_int_mm` in microbenchmarks, and the whole runtime 1.35x faster on full rows at 1 thread (`runtime_w1a8_3L_int_mm` below is that route with everything else equal).
+- **Compiled epilogues** (inductor): per-token scale + bias + exact GELU in one kernel (intermediate), scale + bias + residual add + LayerNorm in one kernel (HF `*Output` blocks, `Int8ResidualNorm`): kept. Compiled with static feature widths and dynamic rows: the fully dynamic-shape kernel (`dynamic=True`, what the runtime used before) made the 4096 x 1536 GELU epilogue ~2x slower (35 vs 18 ms).
+- **inductor max-autotune over `_int_mm`**: not applicable on CPU in torch 2.13: `tuned_int_mm` offers only the ATen kernel and Triton/CUTLASS templates; its CPU int8 GEMM template is reached only through the freezing pass that rewrites `_int_mm -> mul(x_scale) -> mul(w_scale)` into `onednn.qlinear_pointwise` with a prepacked weight and the per-token scale applied after it, i.e. the route kept above, taken directly (no freezing, no whole-model compile).
+- **torchao int8 dynamic-activation / int8-weight** (torchao 0.18 installs from PyPI): its CPU linear is `torch._int_mm` followed by the two scale multiplications, i.e. the `_int_mm` route; not timed separately. Its activation quantizer multiplies by a reciprocal scale, which can move a code by one step at a rounding boundary, so it would not keep the fake-quant codes.
+- **Batch 1**: inputs of <= 64 real tokens run on one thread (`SERIAL_TOKENS`), and a batch without padding skips the scatter to the attention grid.
+- **Memory**: word embeddings as bit-packed rows dequantized after the lookup (`BitRowsEmbedding`, bit-identical), linear codes kept bit-packed (`Int8Linear.compact`); the prepacked oneDNN copy is one int8 byte per weight, so the default stays above 2x the file; `low_memory=True` drops it and unpacks each linear's codes at its call (`runtime_w1a8_3L_lowmem`: the measured speed cost is in the tables)."""
 
 
 def onnxruntime_version() -> str | None:
@@ -415,6 +442,18 @@ def report(result: dict, command: str) -> str:
         for key in SCENARIOS:
             t = result["timing"][str(threads)][key]
             lines += fmt_table(t["timing"], t["batch"], t["seq"], t["inputs"], threads) + [""]
+    mem = result["memory"]
+    size = mem["packed_file_bytes"]
+    lines += [
+        f"Memory: the packed W1A8 file is {size / 1e6:.2f} MB; tensors each loaded model holds (each storage "
+        "once, prepacked oneDNN weights and fused-QKV copies included): "
+        + ", ".join(f"{n} {b / 1e6:.2f} MB ({b / size:.2f}x the file)" for n, b in mem["held_bytes"].items())
+        + ". Before this issue the runtime held 66.7 MB (17.7x: fp32 word embeddings 47.7 MB plus their int8 "
+        "codes 11.7 MB, int8 linear codes 5.3 MB plus the fused QKV copy 1.3 MB).",
+        "",
+        ROUTES,
+        "",
+    ]
     d = result.get("trained_dev")
     if d:
         lines += [
@@ -464,8 +503,13 @@ def main() -> None:
         default=str(REPO / "bench" / "out" / "quality" / "mrpc" / "l3_w1a8" / "export" / "model.safetensors"),
         help="a trained packed file whose dev score is measured with the reference and the runtime",
     )
+    ap.add_argument(
+        "--correctness-sentences", type=int, default=None, help="first N SST-2 dev sentences (default: all)"
+    )
     ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
     args = ap.parse_args()
+    if args.correctness_sentences is not None and args.correctness_sentences < 1:
+        ap.error(f"--correctness-sentences: {args.correctness_sentences}: must be >= 1")
     if any(t < 1 for t in args.threads):
         ap.error(f"--threads: {args.threads}: every thread count must be >= 1")
     from transformers.utils import logging as transformers_logging
@@ -473,7 +517,7 @@ def main() -> None:
     transformers_logging.set_verbosity_error()
     sentences = sst2_sentences()
     with tempfile.TemporaryDirectory() as tmp:
-        models, tokenizer, onnx_path = build_models(Path(tmp), onnx=not args.no_onnx)
+        models, tokenizer, onnx_path, file_bytes = build_models(Path(tmp), onnx=not args.no_onnx)
         onnx_bytes = None if onnx_path is None else onnx_path.read_bytes()
     torch.set_num_threads(args.threads[0])
     result = {
@@ -485,7 +529,8 @@ def main() -> None:
         "cpu_flags": cpu_flags(),
         "machine": platform.machine(),
         "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "correctness": correctness(models, tokenizer, sentences),
+        "correctness": correctness(models, tokenizer, sentences[: args.correctness_sentences]),
+        "memory": memory(models, file_bytes),
     }
     scenarios = {
         "batch_large": (args.batch, args.calls, make_batch),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def test_siblings_run_as_one_gemm_with_bit_identical_outputs():
     with torch.inference_mode():
         expected = {k: m(x) for k, m in ref.items()}
         separate = {k: Int8Linear.from_quant_linear(m)(x) for k, m in ref.items()}
-        optimize_for_inference(parent, compile=False)
+        optimize_for_inference(parent, compile=False, prepack=False)
         fast = parent[0]
         group = fast["q"].siblings
         assert group is fast["k"].siblings is fast["v"].siblings and group.weight_int8.shape == (28, 16)
@@ -175,9 +176,8 @@ def test_optimized_packed_model_keeps_predictions(method, bits, groups, attn, tm
     reference = load_packed(path)
     # both kernel paths: compiled + oneDNN prepacked GEMM, eager + torch._int_mm
     fast = load_runtime(path, attn_implementation=attn, compile=attn == "sdpa", prepack=attn == "sdpa")
-    assert all(
-        (m.packed_weight is not None) == (attn == "sdpa") for m in fast.modules() if isinstance(m, Int8Linear)
-    )
+    gemms = [m.siblings or m for m in fast.modules() if isinstance(m, Int8Linear)]
+    assert all((g.packed_weight is not None) == (attn == "sdpa") for g in gemms)
     assert not any(isinstance(m, PackedLinear) for m in fast.modules())
     assert len(fast.int8_summary["int8"]) == 12 and not fast.int8_summary["fallback"]
     with torch.inference_mode():
@@ -320,3 +320,50 @@ def test_small_inputs_run_on_one_thread_and_full_rows_skip_the_scatter(tmp_path)
             assert seen == [1, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_bit_packed_rows_round_trip_every_width():
+    from xtc_lightning.export.bitrows import pack_rows, unpack_rows
+
+    g = torch.Generator().manual_seed(0)
+    for method, bits, lo, hi in (
+        ("binary", 1, 0, 2),
+        ("ternary", 2, -1, 2),
+        ("symmetric", 3, -3, 4),
+        ("symmetric", 8, -127, 128),
+    ):
+        codes = torch.randint(lo, hi, (7, 13), generator=g, dtype=torch.int8)
+        if method == "binary":
+            codes = codes * 2 - 1
+        packed = pack_rows(codes, method, bits)
+        assert packed.dtype == torch.uint8 and packed.shape[0] == 7
+        assert torch.equal(unpack_rows(packed, method, bits, 13), codes)
+        assert torch.equal(unpack_rows(packed[[5, 0, 5]], method, bits, 13), codes[[5, 0, 5]])
+    assert pack_rows(torch.ones(4, 384, dtype=torch.int8), "binary", 1).shape == (4, 48)  # 1 bit a code
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_runtime_holds_bit_packed_codes_and_keeps_outputs(low_memory, tmp_path):
+    from xtc_lightning.export.bitrows import BitRowsEmbedding
+    from xtc_lightning.export.runtime import runtime_bytes
+
+    path = packed_w1a8(tmp_path)
+    reference = load_packed(path)
+    plain = load_runtime(path, compile=False, prepack=False)
+    fast = load_runtime(path, compile=False, low_memory=low_memory)
+    emb = fast.bert.embeddings.word_embeddings
+    assert isinstance(emb, BitRowsEmbedding) and emb.rows.shape == (300, 5)  # 40 binary codes in 5 bytes
+    linears = [m for m in fast.modules() if isinstance(m, Int8Linear)]
+    assert all(m.weight_int8 is None and m.weight_bits.dtype == torch.uint8 for m in linears)
+    assert all((m.siblings or m).packed_weight is None for m in linears) == low_memory
+    assert runtime_bytes(fast) < runtime_bytes(plain) < runtime_bytes(reference)
+    copied = copy.deepcopy(fast)  # the prepacked oneDNN weights (opaque tensors) are shared, not copied
+    with torch.inference_mode():
+        ids = torch.randint(0, 300, (3, 11))
+        assert torch.equal(emb(ids), reference.bert.embeddings.word_embeddings(ids))  # bit for bit
+        for n, length, seed in ((1, 9, 0), (33, 17, 1)):
+            x = inputs(n, length, seed)
+            out, ref = fast(**x).logits, plain(**x).logits
+            assert torch.equal(out, ref)  # the same codes and GEMM results, whatever holds them
+            assert torch.equal(copied(**x).logits, out)
+            close(out, reference(**x).logits)

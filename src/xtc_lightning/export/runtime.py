@@ -42,6 +42,13 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from xtc_lightning.export.bitrows import (
+    SIGNED_METHODS,
+    compact_embeddings,
+    held_bytes,
+    pack_rows,
+    unpack_rows,
+)
 from xtc_lightning.quant import QuantLinear, WeightCodes, weight_codes
 from xtc_lightning.quant.int8 import INT8_MAX, quantize_per_token
 from xtc_lightning.quant.quantizers import activation_qparams, activation_qrange
@@ -125,7 +132,18 @@ def _compiled(name: str):
 _ONE = torch.ones(())
 
 
-def onednn_prepack(weight_int8: Tensor) -> Tensor | None:
+class Prepacked:
+    """oneDNN's opaque prepacked weight. Read-only, so ``copy.deepcopy`` shares it (opaque
+    tensors have no storage to copy)."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+
+    def __deepcopy__(self, memo) -> Prepacked:
+        return self
+
+
+def onednn_prepack(weight_int8: Tensor) -> Prepacked | None:
     """oneDNN's prepacked form of int8 codes ``(N, K)`` for ``onednn_gemm``, or None where that op is missing.
 
     The packed weight is reordered once for the CPU's int8 GEMM kernel (``torch._int_mm``
@@ -136,20 +154,26 @@ def onednn_prepack(weight_int8: Tensor) -> Tensor | None:
     if op is None or not torch.backends.mkldnn.is_available():
         return None
     try:
-        return op(weight_int8.contiguous(), None)
+        return Prepacked(op(weight_int8.contiguous(), None))
     except RuntimeError:  # an oneDNN build without int8 matmul on this CPU
         return None
 
 
-def onednn_gemm(codes: Tensor, packed: Tensor, w_scale: Tensor) -> Tensor:
+def onednn_gemm(codes: Tensor, packed: Prepacked, w_scale: Tensor) -> Tensor:
     """``codes (M, K) int8 @ weight^T`` times ``w_scale[col]`` in fp32, in the GEMM's epilogue (oneDNN).
 
     The int32 sum is exact and the one fp32 product equals ``torch.mul(sum, w_scale)``
     (input scale 1, no zero points, no bias, no post-op).
     """
     return torch.ops.onednn.qlinear_pointwise.tensor(
-        codes, _ONE, None, packed, w_scale, None, None, 1.0, 0, torch.float32, "none", [], ""
+        codes, _ONE, None, packed.weight, w_scale, None, None, 1.0, 0, torch.float32, "none", [], ""
     )
+
+
+def _prepacked(packed):
+    """The oneDNN prepacked weight to compute with, or None while torch.export / torch.compile
+    traces (the prepacked tensor is opaque to tracing: the plain int8 codes and ``_int_mm`` then)."""
+    return None if torch.compiler.is_compiling() else packed
 
 
 class Int8Linear(nn.Module):
@@ -177,7 +201,8 @@ class Int8Linear(nn.Module):
         self.act_qmax = act_qmax
         self.compiled = False  # use the torch.compile'd (fused) quantize / epilogue kernels
         self.gelu = False  # apply the exact GELU in the epilogue (``fold_gelu``)
-        self.packed_weight: Tensor | None = None  # oneDNN's prepacked weight_int8 (``onednn_prepack``)
+        self.packed_weight: Prepacked | None = None  # oneDNN's prepacked weight_int8 (``onednn_prepack``)
+        self.codes_spec: tuple[str, int] | None = None  # (method, bits) of codes that ``compact`` can pack
         self.siblings: FusedSiblings | None = None  # computed in one GEMM with its siblings
         self.columns = slice(None)  # this layer's output columns in the siblings' GEMM
 
@@ -203,7 +228,29 @@ class Int8Linear(nn.Module):
         packed = int8_weight(codes, layer.out_features)
         if packed is None:
             return None
-        return cls(*packed, layer.bias, qmax, act_scale)
+        new = cls(*packed, layer.bias, qmax, act_scale)
+        if codes.zero_point is None and codes.method in SIGNED_METHODS:
+            new.codes_spec = (codes.method, codes.bits)
+        return new
+
+    def compact(self) -> bool:
+        """Keep the weight codes bit-packed (``weight_bits``, ``pack_rows``) instead of one int8 byte each.
+
+        Without a prepacked oneDNN copy, every call then unpacks them (``codes``) for
+        ``torch._int_mm``: less memory, some speed. Returns False (nothing changed) for codes ``pack_rows`` cannot restore as int8
+        (asymmetric codes minus zero point) or a layer already compact.
+        """
+        if self.codes_spec is None or self.weight_int8 is None:
+            return False
+        self.register_buffer("weight_bits", pack_rows(self.weight_int8, *self.codes_spec))
+        self.weight_int8 = None
+        return True
+
+    def codes(self) -> Tensor:
+        """The int8 weight codes (N, K): ``weight_int8``, or unpacked from ``weight_bits`` (``compact``)."""
+        if self.weight_int8 is not None:
+            return self.weight_int8
+        return unpack_rows(self.weight_bits, *self.codes_spec, self.in_features)
 
     def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """int8 codes ``(M, K)`` and scale ``(M, 1)`` or ``()``, as ``fake_quantize_activation`` computes them."""
@@ -218,22 +265,23 @@ class Int8Linear(nn.Module):
     def matmul(
         self,
         x: Tensor,
-        weight_int8: Tensor,
+        weight_int8: Tensor | None,
         weight_scale: Tensor,
         bias: Tensor | None,
-        packed: Tensor | None = None,
+        packed: Prepacked | None = None,
         residual: Tensor | None = None,
         norm: tuple[Tensor, Tensor, float] | None = None,
     ) -> Tensor:
         """Quantize ``x`` and multiply by int8 ``weight_int8`` (N, K): ``(..., N)`` in ``x``'s dtype.
 
-        ``packed`` (oneDNN's prepacked ``weight_int8``) runs the GEMM with the per-row scale in
-        its epilogue; otherwise (and while torch.export traces: the prepacked tensor is opaque)
-        ``torch._int_mm`` gives the int32 sums and the epilogue scales them.
+        ``packed`` (oneDNN's prepacked codes; ``weight_int8`` is then unused and may be None)
+        runs the GEMM with the per-row scale in its epilogue; otherwise ``torch._int_mm`` gives
+        the int32 sums and the epilogue scales them. While torch.export traces, callers pass no
+        ``packed`` (``_prepacked``): the prepacked tensor is opaque to it.
         ``residual`` / ``norm``: see ``epilogue``.
         """
         codes, a_scale = self.quantize_input(x)
-        if packed is not None and not torch.compiler.is_compiling():  # torch.export: plain _int_mm
+        if packed is not None:
             y, w_scale = onednn_gemm(codes, packed, weight_scale), None
         else:
             y, w_scale = torch._int_mm(codes, weight_int8.t()), weight_scale  # (M, N) int32, exact
@@ -241,7 +289,7 @@ class Int8Linear(nn.Module):
             residual = residual.reshape(y.shape)
         fn = _compiled("epilogue") if self._use_compiled() else epilogue
         y = fn(y, w_scale, a_scale, bias, self.gelu, residual, norm)
-        return y.to(x.dtype).reshape(*x.shape[:-1], weight_int8.shape[0])
+        return y.to(x.dtype).reshape(*x.shape[:-1], weight_scale.shape[0])
 
     def _use_compiled(self) -> bool:
         """The compiled kernels, except while torch.export / torch.compile traces the model (eager ops then)."""
@@ -250,7 +298,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.siblings is not None:
             return self.siblings.output(x)[..., self.columns]
-        return self.matmul(x, self.weight_int8, self.weight_scale, self.bias, self.packed_weight)
+        packed = _prepacked(self.packed_weight)
+        codes = None if packed is not None else self.codes()
+        return self.matmul(x, codes, self.weight_scale, self.bias, packed)
 
     def extra_repr(self) -> str:
         act = "dynamic per-token" if self.act_scale is None else "static"
@@ -296,9 +346,9 @@ class Int8ResidualNorm(nn.Module):
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
         d, ln = self.dense, self.LayerNorm
         norm = (ln.weight, ln.bias, ln.eps)
-        return d.matmul(
-            hidden_states, d.weight_int8, d.weight_scale, d.bias, d.packed_weight, input_tensor, norm
-        )
+        packed = _prepacked(d.packed_weight)
+        codes = None if packed is not None else d.codes()
+        return d.matmul(hidden_states, codes, d.weight_scale, d.bias, packed, input_tensor, norm)
 
 
 def fold_residual_norm(model: nn.Module) -> list[str]:
@@ -473,13 +523,27 @@ class FusedSiblings:
 
     def __init__(self, members: list[Int8Linear]):
         self.lead = members[0]
-        self.weight_int8 = torch.cat([m.weight_int8 for m in members])
+        compact = members[0].weight_int8 is None  # all compact or none (``FusedSiblings.key``)
+        self.weight_int8 = None if compact else torch.cat([m.weight_int8 for m in members])
+        self.weight_bits = torch.cat([m.weight_bits for m in members]) if compact else None
+        self.codes_spec = members[0].codes_spec
         self.weight_scale = torch.cat([m.weight_scale for m in members])
         self.bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
-        self.packed_weight = None if self.lead.packed_weight is None else onednn_prepack(self.weight_int8)
+        self.packed_weight = None
+        if self.lead.packed_weight is not None:
+            w = self.weight_int8
+            if w is None:
+                w = unpack_rows(self.weight_bits, *self.codes_spec, self.lead.in_features)
+            self.packed_weight = onednn_prepack(w)
         start = 0
         for m in members:
             m.siblings, m.columns = self, slice(start, start + m.out_features)
+            m.packed_weight = None  # the group's GEMM is the one that runs
+            rows = slice(start, start + m.out_features)
+            if compact:  # the members' buffers become views of the group's: one copy in memory
+                m.weight_bits = self.weight_bits[rows]
+            else:
+                m.weight_int8 = self.weight_int8[rows]
             start += m.out_features
         self.x = self.y = None
 
@@ -487,11 +551,14 @@ class FusedSiblings:
     def key(m: Int8Linear) -> tuple:
         """Linears with equal keys can share a GEMM: same input width, input quantizer and bias presence."""
         scale = None if m.act_scale is None else float(m.act_scale)
-        return (m.in_features, m.act_qmax, scale, m.bias is None)
+        return (m.in_features, m.act_qmax, scale, m.bias is None, m.weight_int8 is None, m.codes_spec)
 
     def output(self, x: Tensor) -> Tensor:
         if self.x is not x:
-            self.y = self.lead.matmul(x, self.weight_int8, self.weight_scale, self.bias, self.packed_weight)
+            w, packed = self.weight_int8, _prepacked(self.packed_weight)
+            if w is None and packed is None:
+                w = unpack_rows(self.weight_bits, *self.codes_spec, self.lead.in_features)
+            self.y = self.lead.matmul(x, w, self.weight_scale, self.bias, packed)
             self.x = x
         return self.y
 
@@ -530,6 +597,7 @@ def optimize_for_inference(
     fuse_siblings: bool = True,
     unpad: bool = True,
     prepack: bool = True,
+    low_memory: bool = False,
 ) -> nn.Module:
     """Swap every supported quantized linear for an ``Int8Linear`` (in place); returns ``model`` in eval mode.
 
@@ -545,13 +613,15 @@ def optimize_for_inference(
     weights with the per-row scale in the GEMM's epilogue (``onednn_gemm``; where this torch
     build has the op and it is exact here), else ``torch._int_mm``; the prepacked copies are
     plain attributes, outside the state dict (``prepack=False`` for ``torch.export``). The
-    exact GELU after an int8 linear runs in that linear's epilogue (``fold_gelu``), and so do the
+    ``low_memory`` keeps the codes bit-packed (``Int8Linear.compact``, ``BitRowsEmbedding``
+    tables whatever this flag) and unpacks each linear's codes at its call (no prepacked copy).
+    The exact GELU after an int8 linear runs in that linear's epilogue (``fold_gelu``), and so do the
     residual add and LayerNorm of HF's output blocks (``fold_residual_norm``).
     ``model.int8_summary`` records ``{"int8": [...names], "fallback": [...names], "unpadded":
     bool}``.
     """
     use_compile = compile and _can_compile()
-    use_prepack = prepack and _can_prepack()
+    use_prepack = prepack and not low_memory and _can_prepack()
     fast, fallback = [], []
     groups: dict[tuple, list[Int8Linear]] = {}
     for name, module in list(model.named_modules()):
@@ -565,6 +635,8 @@ def optimize_for_inference(
         new.compiled = use_compile
         if use_prepack:
             new.packed_weight = onednn_prepack(new.weight_int8)
+        if low_memory or new.packed_weight is not None:  # the prepacked copy computes: keep only bits
+            new.compact()
         groups.setdefault((parent, *FusedSiblings.key(new)), []).append(new)
         setattr(model.get_submodule(parent), child, new)
         fast.append(name)
@@ -574,6 +646,7 @@ def optimize_for_inference(
                 FusedSiblings(members)
     fold_gelu(model)
     fold_residual_norm(model)
+    compact_embeddings(model)
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if attn_implementation is not None and current is not None and current != attn_implementation:
         model.set_attn_implementation(attn_implementation)
@@ -596,6 +669,20 @@ def _can_compile() -> bool:
             ok = False
         _COMPILED["ok"] = ok
     return bool(_COMPILED["ok"])
+
+
+def runtime_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors a runtime model holds: its parameters and buffers, the prepacked
+    oneDNN weights and the sibling groups' concatenated tensors (``held_bytes``: each storage once)."""
+    extra = []
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            g = m.siblings
+            extra += [m.packed_weight and m.packed_weight.weight]
+            if g is not None:
+                extra += [g.weight_int8, g.weight_bits, g.packed_weight and g.packed_weight.weight]
+                extra += [g.weight_scale, g.bias]
+    return held_bytes(model, extra)
 
 
 def _can_prepack() -> bool:
@@ -623,6 +710,7 @@ def load_runtime(
     compile: bool = True,
     unpad: bool = True,
     prepack: bool = True,
+    low_memory: bool = False,
 ) -> nn.Module:
     """``optimize_for_inference(load_packed(path))``: the fast CPU model of a packed file."""
     from xtc_lightning.export.packed import load_packed
@@ -633,4 +721,5 @@ def load_runtime(
         compile=compile,
         unpad=unpad,
         prepack=prepack,
+        low_memory=low_memory,
     )
