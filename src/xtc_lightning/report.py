@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from xtc_lightning.errors import UserError
+from xtc_lightning.errors import UserError, entry_point
+from xtc_lightning.io import atomic_path, write_text_atomic
 
 TASK_ORDER = ("mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte", "wnli")
 TASK_TITLES = {
@@ -280,13 +280,8 @@ def _legend(fig, rows: list[Row], colour: dict, partial: bool, ncol: int) -> Non
 
 
 def _save(fig, path: Path, fmt: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.{fmt}")
-    try:
+    with atomic_path(path, suffix=f".{fmt}") as tmp:
         fig.savefig(tmp, format=fmt, dpi=300)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -381,10 +376,7 @@ def write_report(
     if limited:
         table += f"\nLeft out {len(limited)} limited runs (debug, limit_*: --include-limited adds them).\n"
     markdown = Path(markdown)
-    markdown.parent.mkdir(parents=True, exist_ok=True)
-    tmp = markdown.with_name(f".{markdown.name}.tmp{os.getpid()}")
-    tmp.write_text(table)
-    os.replace(tmp, markdown)
+    write_text_atomic(markdown, table)
     plots = plot_score_vs_size(points, plot, fmt)
     return {
         "markdown": str(markdown),
@@ -396,6 +388,7 @@ def write_report(
     }
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="xtc-report", description="Paper-style table and score-vs-size figures from run folders."
@@ -423,11 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     first = Path(args.roots[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "report.md"
     plot = Path(args.plot) if args.plot else out.with_suffix(f".{args.format or 'png'}")
-    try:
-        result = write_report(args.roots, out, plot, args.include_limited, args.format)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    result = write_report(args.roots, out, plot, args.include_limited, args.format)
     print(result["table"], end="")
     for line in result["skipped"]:
         print(f"skipped {line}", file=sys.stderr)
