@@ -325,10 +325,6 @@ class GlueDataModule(L.LightningDataModule):
         self.train_fingerprint: str | None = None  # content hash of the (subsampled) train split
         self.dev_sets: dict[str, TokenizedSplit] = {}
 
-    @property
-    def dev_split_names(self) -> tuple[str, ...]:
-        return self.task.dev_splits
-
     def read(self, split: str) -> Examples:
         if self.glue_dir:
             if not Path(self.glue_dir).expanduser().is_dir():

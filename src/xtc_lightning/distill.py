@@ -287,8 +287,9 @@ def check_distill_config(cfg: Mapping) -> dict:
 
     Keys: ``name`` (str), ``temperature`` (> 0), ``weights`` ({logits, attention, hidden,
     ground_truth}, each >= 0, not all 0), ``intermediate_fraction`` (in [0, 1): the first
-    ``round(fraction * max_epochs)`` epochs use only the attention+hidden losses, the rest only
-    logits+ground_truth; 0 = one stage, all losses together).
+    ``intermediate_epochs(fraction, max_epochs)`` epochs (``fraction * max_epochs`` rounded half
+    up) use only the attention+hidden losses, the rest only logits+ground_truth; 0 = one stage,
+    all losses together).
     """
     if not isinstance(cfg, Mapping):
         raise UserError(f"distill config must be a mapping with keys {list(DISTILL_KEYS)}, got {cfg!r}")

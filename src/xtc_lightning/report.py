@@ -30,19 +30,16 @@ from pathlib import Path
 
 from xtc_lightning.errors import UserError, entry_point
 from xtc_lightning.io import atomic_path, write_text_atomic
+from xtc_lightning.tasks import TASKS
 
 TASK_ORDER = ("mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte", "wnli")
-TASK_TITLES = {
-    "mnli": "MNLI",
-    "qqp": "QQP",
-    "qnli": "QNLI",
-    "sst2": "SST-2",
-    "cola": "CoLA",
-    "stsb": "STS-B",
-    "mrpc": "MRPC",
-    "rte": "RTE",
-    "wnli": "WNLI",
-}
+
+
+def task_title(name: str) -> str:
+    """The GLUE title of a task (``tasks.GlueTask.title``); an unknown name as it is."""
+    return TASKS[name].title if name in TASKS else name
+
+
 MB = 1e6
 
 
@@ -213,7 +210,7 @@ def results_table(points: list[Point]) -> str:
     header = [
         "configuration",
         "W/A bits",
-        *(TASK_TITLES.get(t, t) for t in tasks),
+        *(task_title(t) for t in tasks),
         "avg",
         "size (MB)",
         "runs",
@@ -323,11 +320,7 @@ def plot_score_vs_size(points: list[Point], path: str | Path, fmt: str | None = 
                        facecolors=colour[r.label] if full else "none", edgecolors=colour[r.label],
                        linewidths=1.2, zorder=3)  # fmt: skip
         _style_axis(ax)
-        ax.set_ylabel(
-            "GLUE dev score (average)"
-            if len(tasks) > 1
-            else f"{TASK_TITLES.get(tasks[0], tasks[0])} dev score"
-        )
+        ax.set_ylabel("GLUE dev score (average)" if len(tasks) > 1 else f"{task_title(tasks[0])} dev score")
         _legend(fig, rows, colour, partial, ncol=2)
         written.append(_save(fig, path, fmt))
         plt.close(fig)
@@ -350,7 +343,7 @@ def plot_score_vs_size(points: list[Point], path: str | Path, fmt: str | None = 
                 ax.set_xlabel("")
             else:
                 ax.tick_params(labelbottom=True)
-            ax.set_title(TASK_TITLES.get(task, task))
+            ax.set_title(task_title(task))
         for j in range(len(tasks), nrows * ncols):
             axes[j // ncols][j % ncols].set_visible(False)
         _legend(fig, rows, colour, partial=False, ncol=ncols)
