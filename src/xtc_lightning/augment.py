@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from xtc_lightning.config import check_exact_keys
 from xtc_lightning.data import Examples, GlueDataModule, tokenizer_fingerprint
 from xtc_lightning.errors import UserError
 from xtc_lightning.io import atomic_path
@@ -91,11 +92,7 @@ class AugmentConfig:
         method = cfg.get("method")
         if method not in METHODS:
             raise UserError(f"augment.method={method!r} is invalid; choose one of: {', '.join(METHODS)}")
-        if set(cfg) != set(KEYS[method]):
-            raise UserError(
-                f"augment '{method}': unknown keys {sorted(set(cfg) - set(KEYS[method]))} / missing keys "
-                f"{sorted(set(KEYS[method]) - set(cfg))}; expected {list(KEYS[method])}"
-            )
+        check_exact_keys(cfg, KEYS[method], f"augment '{method}'")
         if method == "none":
             return cls(method)
         factor, p, top_k, seed, tasks = (cfg[k] for k in ("factor", "p", "top_k", "seed", "tasks"))
