@@ -14,13 +14,18 @@ from xtc_lightning.quant import (
     QuantLinear,
     apply_quantization,
     fake_quantize_weight,
-    plain_state_dict,
     set_quantization_enabled,
 )
 from xtc_lightning.quant.config import ActivationSpec, WeightSpec
+from xtc_lightning.quant.layers import RANGE_BUFFER
 
 BINARY = WeightSpec("binary", 1, "row")
 A8 = ActivationSpec("symmetric", 8, "dynamic")
+
+
+def plain_state_dict(state_dict: dict) -> dict:
+    """The state dict without the activation-range buffers: what loads strictly into the plain HF model."""
+    return {k: v for k, v in state_dict.items() if not k.endswith("." + RANGE_BUFFER)}
 
 
 def linear(weight, bias=None):

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -46,8 +45,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from xtc_lightning.config import check_exact_keys
 from xtc_lightning.data import Examples, GlueDataModule, tokenizer_fingerprint
 from xtc_lightning.errors import UserError
+from xtc_lightning.io import atomic_path
 from xtc_lightning.tasks import TASKS, GlueTask
 
 log = logging.getLogger("xtc_lightning")
@@ -91,11 +92,7 @@ class AugmentConfig:
         method = cfg.get("method")
         if method not in METHODS:
             raise UserError(f"augment.method={method!r} is invalid; choose one of: {', '.join(METHODS)}")
-        if set(cfg) != set(KEYS[method]):
-            raise UserError(
-                f"augment '{method}': unknown keys {sorted(set(cfg) - set(KEYS[method]))} / missing keys "
-                f"{sorted(set(KEYS[method]) - set(cfg))}; expected {list(KEYS[method])}"
-            )
+        check_exact_keys(cfg, KEYS[method], f"augment '{method}'")
         if method == "none":
             return cls(method)
         factor, p, top_k, seed, tasks = (cfg[k] for k in ("factor", "p", "top_k", "seed", "tasks"))
@@ -441,39 +438,34 @@ def generate(task: GlueTask, originals: Examples, aug: AugmentConfig, source, pa
     )  # fmt: skip
     rng = np.random.default_rng(aug.seed)
     tokens = source.vocab.tokens
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     header = ["source", *(f"text_{c}" for c in "ab"[: len(originals.texts[0])])]
     t0, written, next_log = time.perf_counter(), 0, n // 10
-    try:
-        with (
-            open(tmp, "w") as f,
-            tqdm(total=n, desc=f"augment {task.name}", unit="ex", disable=not bar) as pbar,
-        ):
-            f.write("\t".join(header) + "\n")
-            for start in range(0, n, CHUNK):
-                parsed = [
-                    [parse_sentence(t, source.vocab) for t in texts]
-                    for texts in originals.texts[start : start + CHUNK]
-                ]
-                flat = iter(source.candidates([s for sentences in parsed for s in sentences]))
-                for offset, sentences in enumerate(parsed):
-                    cands = [next(flat) for _ in sentences]
-                    for texts in new_versions(sentences, cands, tokens, aug.factor, aug.p, rng):
-                        f.write(f"{start + offset}\t" + "\t".join(texts) + "\n")
-                        written += 1
-                done = min(n, start + CHUNK)
-                pbar.update(done - start)
-                if not bar and (done >= next_log or done == n):
-                    rate = done / max(1e-9, time.perf_counter() - t0)
-                    log.info(
-                        "augment %s: %d/%d examples, %d new, %.0f examples/s, ~%.0f s left",
-                        task.name, done, n, written, rate, (n - done) / rate,
-                    )  # fmt: skip
-                    next_log = done + max(1, n // 10)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "w") as f,
+        tqdm(total=n, desc=f"augment {task.name}", unit="ex", disable=not bar) as pbar,
+    ):
+        f.write("\t".join(header) + "\n")
+        for start in range(0, n, CHUNK):
+            parsed = [
+                [parse_sentence(t, source.vocab) for t in texts]
+                for texts in originals.texts[start : start + CHUNK]
+            ]
+            flat = iter(source.candidates([s for sentences in parsed for s in sentences]))
+            for offset, sentences in enumerate(parsed):
+                cands = [next(flat) for _ in sentences]
+                for texts in new_versions(sentences, cands, tokens, aug.factor, aug.p, rng):
+                    f.write(f"{start + offset}\t" + "\t".join(texts) + "\n")
+                    written += 1
+            done = min(n, start + CHUNK)
+            pbar.update(done - start)
+            if not bar and (done >= next_log or done == n):
+                rate = done / max(1e-9, time.perf_counter() - t0)
+                log.info(
+                    "augment %s: %d/%d examples, %d new, %.0f examples/s, ~%.0f s left",
+                    task.name, done, n, written, rate, (n - done) / rate,
+                )  # fmt: skip
+                next_log = done + max(1, n // 10)
 
 
 def read_new_examples(path: Path, originals: Examples) -> tuple[list[int], list[tuple[str, ...]]]:

@@ -11,7 +11,7 @@ import hydra
 from hydra.core.override_parser.types import Glob, IntervalSweep
 from omegaconf import DictConfig, OmegaConf
 
-from xtc_lightning.errors import UserError
+from xtc_lightning.errors import UserError, entry_point, exit_user_error
 
 # The packaged configs: a symlink to the repository's conf/ in a clone (edit conf/ there), real
 # files inside an installed wheel.
@@ -125,16 +125,16 @@ def _main(cfg: DictConfig) -> float | None:
         results = pipeline.run(cfg)
     except UserError as err:
         discard_unstarted(run_dir, fresh, CONFIG_FILE)  # a refused start leaves no folder behind
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_user_error(err)
     return results["score"]  # the optimized metric, for Hydra sweepers
 
 
-def main() -> None:
-    try:
-        check_group_overrides(sys.argv[1:])
-        check_override_keys(sys.argv[1:])
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    """``xtc train`` / ``xtc-train`` / ``python train.py``: check the overrides (``argv``, default
+    ``sys.argv[1:]``), then hand them to Hydra (which reads ``sys.argv``)."""
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    check_group_overrides(sys.argv[1:])
+    check_override_keys(sys.argv[1:])
     _main()

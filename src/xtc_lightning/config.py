@@ -9,7 +9,7 @@ others, so that no value is first looked at hours into a run. Checks read files 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +21,15 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 STAGES = ("teacher", "reduce", "quantize", "export")
 PROGRESS = ("auto", "bar", "plain")
 TRAINED_STAGES = ("teacher", "reduce", "quantize")
+
+
+def check_exact_keys(group: Mapping, keys: Sequence[str], what: str) -> None:
+    """A config group must have exactly ``keys``: else one ``UserError`` line naming ``what``, the
+    unknown and the missing keys (both sorted) and the expected ones (in ``keys``' order)."""
+    unknown = sorted(set(group) - set(keys))
+    missing = sorted(set(keys) - set(group))
+    if unknown or missing:
+        raise UserError(f"{what}: unknown keys {unknown} / missing keys {missing}; expected {list(keys)}")
 
 
 def _is_int(x) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from xtc_lightning.errors import UserError
+from xtc_lightning.io import atomic_path
 from xtc_lightning.tasks import GlueTask, parse_label
 
 log = logging.getLogger(__name__)
@@ -205,10 +205,8 @@ def load_tokenized(
         with np.load(path, allow_pickle=False) as f:
             return TokenizedSplit({k: f[k] for k in f.files})
     arrays = tokenize(examples, tokenizer, max_length)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # atomic: a concurrent or killed run never sees half a file
+    with atomic_path(path, suffix=".npz") as tmp:  # a concurrent or killed run never sees half a file
+        np.savez(tmp, **arrays)
     log.info("tokenized %s (%d examples) -> %s", name, len(examples), path)
     return TokenizedSplit(arrays)
 
@@ -326,10 +324,6 @@ class GlueDataModule(L.LightningDataModule):
         self.train_set: TokenizedSplit | None = None
         self.train_fingerprint: str | None = None  # content hash of the (subsampled) train split
         self.dev_sets: dict[str, TokenizedSplit] = {}
-
-    @property
-    def dev_split_names(self) -> tuple[str, ...]:
-        return self.task.dev_splits
 
     def read(self, split: str) -> Examples:
         if self.glue_dir:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from xtc_lightning.config import check_exact_keys
 from xtc_lightning.errors import UserError
 from xtc_lightning.student import layer_map
 
@@ -287,17 +288,13 @@ def check_distill_config(cfg: Mapping) -> dict:
 
     Keys: ``name`` (str), ``temperature`` (> 0), ``weights`` ({logits, attention, hidden,
     ground_truth}, each >= 0, not all 0), ``intermediate_fraction`` (in [0, 1): the first
-    ``round(fraction * max_epochs)`` epochs use only the attention+hidden losses, the rest only
-    logits+ground_truth; 0 = one stage, all losses together).
+    ``intermediate_epochs(fraction, max_epochs)`` epochs (``fraction * max_epochs`` rounded half
+    up) use only the attention+hidden losses, the rest only logits+ground_truth; 0 = one stage,
+    all losses together).
     """
     if not isinstance(cfg, Mapping):
         raise UserError(f"distill config must be a mapping with keys {list(DISTILL_KEYS)}, got {cfg!r}")
-    unknown = sorted(set(cfg) - set(DISTILL_KEYS))
-    missing = [k for k in DISTILL_KEYS if k not in cfg]
-    if unknown or missing:
-        raise UserError(
-            f"distill config: unknown keys {unknown} / missing keys {missing}; expected {list(DISTILL_KEYS)}"
-        )
+    check_exact_keys(cfg, DISTILL_KEYS, "distill config")
     name = cfg["name"]
     if not isinstance(name, str) or not name:
         raise UserError(f"distill.name={name!r} is invalid: expected a non-empty string")

@@ -47,6 +47,7 @@ from xtc_lightning.export import SizeReport, export_run
 from xtc_lightning.export.format import STORED_DTYPES
 from xtc_lightning.export.run import EXPORT_DIR
 from xtc_lightning.finite import check_finite_weights, first_nonfinite
+from xtc_lightning.io import atomic_folder, atomic_path, write_text_atomic
 from xtc_lightning.loggers import stage_loggers, wandb_run
 from xtc_lightning.models import (
     check_model_source,
@@ -83,9 +84,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
     bad = first_nonfinite(data)
     if bad is not None:
         raise UserError(f"{path}: '{bad}' is not finite; nothing non-finite is recorded as a result")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def write_predictions(task: GlueTask, predictions: dict, folder: Path) -> dict[str, str]:
@@ -241,18 +240,12 @@ def publish_to_cache(cache: Path, result: dict, model, tokenizer) -> dict:
     check_finite_weights(model, f"{result['stage']} (before caching it)")
     result["model_dir"] = str(cache / "model")
     if is_rank_zero():
-        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
-        for split, path in result["predictions"].items():
-            shutil.copy(path, tmp / f"predictions_{split}.tsv")
-        write_json_atomic(tmp / "result.json", result)
-        try:
-            os.replace(tmp, cache)
-        except OSError:  # another run published the same model first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(cache, keep_existing=True) as tmp:  # another run's published model wins
+            model.save_pretrained(tmp / "model")
+            tokenizer.save_pretrained(tmp / "model")
+            for split, path in result["predictions"].items():
+                shutil.copy(path, tmp / f"predictions_{split}.tsv")
+            write_json_atomic(tmp / "result.json", result)
     barrier()
     result["cached"] = False
     return result
@@ -551,9 +544,8 @@ def run(cfg: DictConfig) -> dict:
 
     if is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / f".{CONFIG_FILE}.tmp{os.getpid()}"
-        OmegaConf.save(cfg, tmp, resolve=True)
-        os.replace(tmp, run_dir / CONFIG_FILE)  # other ranks may read it (resume check)
+        with atomic_path(run_dir / CONFIG_FILE) as tmp:  # other ranks may read it (resume check)
+            OmegaConf.save(cfg, tmp, resolve=True)
         save_hydra_files(run_dir, cfg)
     start_log_files()
     if resuming:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from xtc_lightning.errors import UserError
+from xtc_lightning.errors import UserError, entry_point
+from xtc_lightning.io import atomic_path
 from xtc_lightning.tasks import GlueTask, get_task
 
 # label names in the submission for these tasks, class ids for the others
@@ -155,16 +155,15 @@ def predict_test(path: str | Path, glue_dir: str | Path, out_dir: str | Path | N
     for stem, (index, texts) in splits.items():
         preds = predict_texts(model, tokenizer, task, texts, max_length, batch_size)
         target = out / SUBMISSION_FILES[task.name][stem]
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
+        with atomic_path(target) as tmp, open(tmp, "w") as f:
             f.write("index\tprediction\n")
             for i, p in zip(index, preds.tolist(), strict=True):
                 f.write(f"{i}\t{submission_value(task, p)}\n")
-        os.replace(tmp, target)
         written[stem] = str(target)
     return written
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="xtc-predict", description="GLUE test-set predictions (submission format) of a packed model."
@@ -179,15 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: <export folder>/glue_test)")
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
-    try:
-        if not args.data_dir:
-            raise UserError("no GLUE folder: pass --data-dir or set GLUE_DIR")
-        if args.num_threads:
-            torch.set_num_threads(args.num_threads)
-        written = predict_test(args.path, args.data_dir, args.out)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    if not args.data_dir:
+        raise UserError("no GLUE folder: pass --data-dir or set GLUE_DIR")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    written = predict_test(args.path, args.data_dir, args.out)
     for path in written.values():
         print(path)
 

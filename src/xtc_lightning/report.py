@@ -24,25 +24,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from xtc_lightning.errors import UserError
+from xtc_lightning.errors import UserError, entry_point
+from xtc_lightning.io import atomic_path, write_text_atomic
+from xtc_lightning.tasks import TASKS
 
 TASK_ORDER = ("mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte", "wnli")
-TASK_TITLES = {
-    "mnli": "MNLI",
-    "qqp": "QQP",
-    "qnli": "QNLI",
-    "sst2": "SST-2",
-    "cola": "CoLA",
-    "stsb": "STS-B",
-    "mrpc": "MRPC",
-    "rte": "RTE",
-    "wnli": "WNLI",
-}
+
+
+def task_title(name: str) -> str:
+    """The GLUE title of a task (``tasks.GlueTask.title``); an unknown name as it is."""
+    return TASKS[name].title if name in TASKS else name
+
+
 MB = 1e6
 
 
@@ -213,7 +210,7 @@ def results_table(points: list[Point]) -> str:
     header = [
         "configuration",
         "W/A bits",
-        *(TASK_TITLES.get(t, t) for t in tasks),
+        *(task_title(t) for t in tasks),
         "avg",
         "size (MB)",
         "runs",
@@ -280,13 +277,8 @@ def _legend(fig, rows: list[Row], colour: dict, partial: bool, ncol: int) -> Non
 
 
 def _save(fig, path: Path, fmt: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.{fmt}")
-    try:
+    with atomic_path(path, suffix=f".{fmt}") as tmp:
         fig.savefig(tmp, format=fmt, dpi=300)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -328,11 +320,7 @@ def plot_score_vs_size(points: list[Point], path: str | Path, fmt: str | None = 
                        facecolors=colour[r.label] if full else "none", edgecolors=colour[r.label],
                        linewidths=1.2, zorder=3)  # fmt: skip
         _style_axis(ax)
-        ax.set_ylabel(
-            "GLUE dev score (average)"
-            if len(tasks) > 1
-            else f"{TASK_TITLES.get(tasks[0], tasks[0])} dev score"
-        )
+        ax.set_ylabel("GLUE dev score (average)" if len(tasks) > 1 else f"{task_title(tasks[0])} dev score")
         _legend(fig, rows, colour, partial, ncol=2)
         written.append(_save(fig, path, fmt))
         plt.close(fig)
@@ -355,7 +343,7 @@ def plot_score_vs_size(points: list[Point], path: str | Path, fmt: str | None = 
                 ax.set_xlabel("")
             else:
                 ax.tick_params(labelbottom=True)
-            ax.set_title(TASK_TITLES.get(task, task))
+            ax.set_title(task_title(task))
         for j in range(len(tasks), nrows * ncols):
             axes[j // ncols][j % ncols].set_visible(False)
         _legend(fig, rows, colour, partial=False, ncol=ncols)
@@ -381,10 +369,7 @@ def write_report(
     if limited:
         table += f"\nLeft out {len(limited)} limited runs (debug, limit_*: --include-limited adds them).\n"
     markdown = Path(markdown)
-    markdown.parent.mkdir(parents=True, exist_ok=True)
-    tmp = markdown.with_name(f".{markdown.name}.tmp{os.getpid()}")
-    tmp.write_text(table)
-    os.replace(tmp, markdown)
+    write_text_atomic(markdown, table)
     plots = plot_score_vs_size(points, plot, fmt)
     return {
         "markdown": str(markdown),
@@ -396,6 +381,7 @@ def write_report(
     }
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="xtc-report", description="Paper-style table and score-vs-size figures from run folders."
@@ -423,11 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     first = Path(args.roots[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "report.md"
     plot = Path(args.plot) if args.plot else out.with_suffix(f".{args.format or 'png'}")
-    try:
-        result = write_report(args.roots, out, plot, args.include_limited, args.format)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    result = write_report(args.roots, out, plot, args.include_limited, args.format)
     print(result["table"], end="")
     for line in result["skipped"]:
         print(f"skipped {line}", file=sys.stderr)

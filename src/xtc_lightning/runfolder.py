@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from xtc_lightning.errors import UserError
+from xtc_lightning.io import write_text_atomic
 
 LOCK_NAME = ".lock"
 HYDRA_SUBDIR = ".hydra"
@@ -78,9 +79,7 @@ def save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
         "overrides.yaml": hydra_cfg.hydra.overrides.task,
     }
     for name, node in files.items():
-        tmp = out / f".{name}.tmp{os.getpid()}"
-        tmp.write_text(OmegaConf.to_yaml(node), encoding="utf-8")
-        os.replace(tmp, out / name)
+        write_text_atomic(out / name, OmegaConf.to_yaml(node))
 
 
 def discard_unstarted(run_dir: Path, was_fresh: bool, started_marker: str) -> None:

@@ -17,15 +17,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from xtc_lightning.io import atomic_path
+
 WEIGHTS_NAME = "weights.safetensors"
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> str:
     """Write ``model.state_dict()`` (every tensor contiguous, own storage) to ``path`` as safetensors."""
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
     return str(path)
 
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from xtc_lightning.config import check_exact_keys
 from xtc_lightning.errors import UserError
 from xtc_lightning.models import encoder_layers, num_layers_of
 
@@ -99,12 +100,7 @@ def layers_from_config(student_cfg: Mapping, num_teacher_layers: int) -> list[in
         raise UserError(
             f"student config must be a mapping with keys {list(STUDENT_KEYS)}, got {student_cfg!r}"
         )
-    unknown = sorted(set(student_cfg) - set(STUDENT_KEYS))
-    missing = [k for k in STUDENT_KEYS if k not in student_cfg]
-    if unknown or missing:
-        raise UserError(
-            f"student config: unknown keys {unknown} / missing keys {missing}; expected exactly {list(STUDENT_KEYS)}"
-        )
+    check_exact_keys(student_cfg, STUDENT_KEYS, "student config")
     name = student_cfg["name"]
     try:
         return select_layers(num_teacher_layers, student_cfg["layers"], student_cfg["num_layers"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from xtc_lightning.errors import UserError
+from xtc_lightning.errors import UserError, entry_point
 
 # literal command arguments that only make sense with a wandb server
 SERVER_ONLY = ("logger.wandb.offline=false",)
@@ -52,12 +52,13 @@ def grid_overrides(sweep_file: str | Path) -> list[str]:
     return overrides + literals
 
 
-def main() -> None:
-    try:
-        print(" ".join(grid_overrides(sys.argv[1])))
-    except (UserError, IndexError) as err:
-        print(f"error: {err or 'usage: python -m xtc_lightning.sweeps <sweep yaml>'}", file=sys.stderr)
-        sys.exit(2)
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    """Print a grid sweep file's overrides on one line: ``python -m xtc_lightning.sweeps FILE``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise UserError("usage: python -m xtc_lightning.sweeps <sweep yaml>")
+    print(" ".join(grid_overrides(argv[0])))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ class GlueTask:
         return 1 if self.is_regression else len(self.label_names)
 
     @property
-    def is_pair(self) -> bool:
-        return len(self.text_columns) == 2
+    def title(self) -> str:
+        """The task's name as GLUE writes it (``SST-2``, ``STS-B``): its ``glue_data`` folder name."""
+        return self.folder
 
     def hub_split(self, split: str) -> str:
         """Hub split name for a local split name (``dev`` -> ``validation``)."""

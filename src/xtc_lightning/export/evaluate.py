@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from xtc_lightning.data import GlueDataModule
-from xtc_lightning.errors import UserError
+from xtc_lightning.errors import UserError, entry_point
 from xtc_lightning.export.packed import load_packed, load_packed_tokenizer, packed_metadata
 from xtc_lightning.metrics import compute_metrics, predictions_from_logits, task_score
 from xtc_lightning.modules import model_inputs
@@ -127,6 +126,7 @@ def evaluate_packed(
     }
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="xtc-evaluate", description="Dev metrics of a packed xtc model file, from the file alone."
@@ -148,20 +148,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", default=None, help="also write the result as JSON to this path")
     args = parser.parse_args(argv)
-    try:
-        if args.num_threads:
-            torch.set_num_threads(args.num_threads)
-        result = evaluate_packed(
-            args.packed_file,
-            args.data_dir,
-            args.split,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            runtime=args.runtime,
-        )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    result = evaluate_packed(
+        args.packed_file,
+        args.data_dir,
+        args.split,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        runtime=args.runtime,
+    )
     for split, metrics in result["splits"].items():
         values = "  ".join(f"{k}={100 * v:.2f}" for k, v in metrics.items())
         print(f"{result['task']} {split} ({result['examples'][split]} examples): {values}")

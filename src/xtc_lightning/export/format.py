@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ from xtc_lightning.export.packing import (
     to_unsigned,
     unpack_bits,
 )
+from xtc_lightning.io import atomic_path
 from xtc_lightning.quant import WeightCodes
 
 FORMAT = "xtc-packed"
@@ -179,13 +179,8 @@ def write_packed(
         **{k: _json(v) for k, v in metadata.items()},
     }
     meta["sha256"] = _digest(meta, tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _json(value) -> str:

@@ -15,8 +15,6 @@ export, not a compressed one (that is the packed file).
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +22,7 @@ from torch import nn
 
 from xtc_lightning.errors import UserError
 from xtc_lightning.export.layers import PackedEmbedding, PackedLinear
-from xtc_lightning.export.packed import replace_folder
+from xtc_lightning.io import atomic_folder
 from xtc_lightning.quant import QuantEmbedding, QuantLinear, fake_quantize_weight
 
 
@@ -66,14 +64,8 @@ def export_hf(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
     if not hasattr(model, "save_pretrained"):
         raise UserError(f"cannot export {type(model).__name__} as an HF folder: not a Hugging Face model")
     plain = dequantized_copy(model)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(folder) as tmp:
         plain.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        replace_folder(tmp, folder, folder.with_name(f".{folder.name}.old{os.getpid()}"))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -53,7 +51,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from xtc_lightning.errors import UserError
 from xtc_lightning.export.format import STORED_DTYPES, PackedFile, read_packed
 from xtc_lightning.export.layers import PackedEmbedding, PackedLinear
-from xtc_lightning.export.packed import load_packed_tokenizer, replace_folder
+from xtc_lightning.export.packed import load_packed_tokenizer
 from xtc_lightning.export.packing import (
     from_unsigned,
     max_unsigned,
@@ -62,6 +60,7 @@ from xtc_lightning.export.packing import (
     to_unsigned,
     unpack_bits,
 )
+from xtc_lightning.io import atomic_folder
 from xtc_lightning.quant import QuantConfig, WeightCodes, dequantize_weight
 from xtc_lightning.quant.layers import RANGE_BUFFER
 from xtc_lightning.quant.quantizers import num_groups
@@ -339,20 +338,13 @@ def export_hf_packed(packed_path: str | Path, folder: str | Path, card: str | No
     """
     packed = read_packed(packed_path)
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_folder(folder) as tmp:
         model_config_of(packed).save_pretrained(str(tmp))
         save_file(_folder_tensors(packed), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if packed.metadata.get("tokenizer"):
             load_packed_tokenizer(packed_path).save_pretrained(str(tmp))
         if card is not None:
             (tmp / "README.md").write_text(card)
-        replace_folder(tmp, folder, folder.with_name(f".{folder.name}.old{os.getpid()}"))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -51,6 +51,3 @@ class PackedEmbedding(QuantEmbedding):
 
     def forward(self, input: Tensor) -> Tensor:
         return self._lookup(input, self.weight)
-
-
-PACKED_MODULES = (PackedLinear, PackedEmbedding)

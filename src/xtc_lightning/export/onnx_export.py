@@ -47,6 +47,7 @@ from xtc_lightning.errors import UserError
 from xtc_lightning.export.layers import PackedEmbedding, PackedLinear
 from xtc_lightning.export.packed import load_packed
 from xtc_lightning.export.runtime import int8_weight
+from xtc_lightning.io import atomic_path
 from xtc_lightning.quant import QuantEmbedding, QuantLinear, WeightSpec
 from xtc_lightning.quant.quantizers import activation_qparams, activation_qrange
 
@@ -293,10 +294,8 @@ def export_onnx(packed_path: str | Path, out_path: str | Path) -> Path:
     proto = build_onnx(model, packed_path)
     onnx.checker.check_model(proto)
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
     return out
 
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from xtc_lightning.errors import UserError
 from xtc_lightning.export.format import STORED_DTYPES, PackedFile, read_header, read_packed, write_packed
 from xtc_lightning.export.layers import PackedEmbedding, PackedLinear
 from xtc_lightning.export.size import SizeReport, size_report
+from xtc_lightning.io import atomic_folder
 from xtc_lightning.quant import (
     QuantConfig,
     QuantEmbedding,
@@ -193,26 +192,10 @@ def _folder_digest(folder: Path) -> str:
 
 def _save_tokenizer(tokenizer, folder: Path) -> str:
     """``save_pretrained`` into a temporary folder, then swap it in place of ``folder``; returns its digest."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(folder) as tmp:
         tokenizer.save_pretrained(str(tmp))
         digest = _folder_digest(tmp)
-        replace_folder(tmp, folder, old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return digest
-
-
-def replace_folder(new: Path, target: Path, old: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is moved aside to ``old`` first, then deleted."""
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- load

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from xtc_lightning.errors import UserError
+from xtc_lightning.errors import UserError, entry_point
 from xtc_lightning.export.card import model_card
 from xtc_lightning.export.evaluate import evaluate_packed
 from xtc_lightning.export.hf import export_hf
@@ -39,6 +37,7 @@ from xtc_lightning.export.hf_packed import WEIGHTS_NAME, export_hf_packed
 from xtc_lightning.export.packed import export_packed, tokenizer_dir
 from xtc_lightning.export.size import SizeReport
 from xtc_lightning.finite import check_finite_weights
+from xtc_lightning.io import write_text_atomic
 from xtc_lightning.quant import QuantConfig, apply_quantization, set_quantization_enabled
 from xtc_lightning.slim import load_weights
 from xtc_lightning.tasks import get_task
@@ -228,9 +227,7 @@ def export_run(
         folder = export_hf_packed(packed_path, out_dir / "hf", card=card)
         summary["hf"] = str(folder)
         summary["hf_file_bytes"] = (folder / WEIGHTS_NAME).stat().st_size
-    tmp = out_dir / f".export.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out_dir / "export.json")
+    write_text_atomic(out_dir / "export.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -248,6 +245,7 @@ def _overrides(run_dir: Path) -> list[str]:
     return [str(o) for o in yaml.safe_load(path.read_text()) or []] if path.is_file() else []
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="xtc-export", description="Export a finished run's final model as a packed low-bit file."
@@ -272,21 +270,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-eval", action="store_true", help="skip the dev evaluation of the packed file")
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
-    try:
-        if args.num_threads:
-            torch.set_num_threads(args.num_threads)
-        summary = export_run(
-            args.run_dir,
-            other_dtype=args.other_dtype,
-            glue_dir=args.data_dir,
-            hf=not args.no_hf,
-            hf_dequantized=args.hf_dequantized,
-            onnx=args.onnx,
-            evaluate=not args.no_eval,
-        )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    summary = export_run(
+        args.run_dir,
+        other_dtype=args.other_dtype,
+        glue_dir=args.data_dir,
+        hf=not args.no_hf,
+        hf_dequantized=args.hf_dequantized,
+        onnx=args.onnx,
+        evaluate=not args.no_eval,
+    )
     print(SizeReport.from_dict(summary["size"]).text())
     print(f"packed: {summary['packed']}")
     dev = summary["dev"] or {}

@@ -3,6 +3,8 @@
     config.py      QuantConfig (``cfg.quant``), WeightSpec, ActivationSpec: validation
     quantizers.py  pure quantizers with straight-through gradients; weight codes + dequantize
     layers.py      QuantLinear / QuantEmbedding, drop-in replacements keeping parameter names
+    int8.py        the integer GEMM of a quantized linear (int8 codes x codes + rescale), shared
+                   by training and the CPU runtime
     apply.py       finding the target modules of an HF encoder, swapping them in, the on/off switch
     summary.py     what is quantized, and parameters per bit-width
 
@@ -24,7 +26,7 @@ from xtc_lightning.quant.apply import (
     set_weight_form,
 )
 from xtc_lightning.quant.config import ActivationSpec, QuantConfig, WeightSpec
-from xtc_lightning.quant.layers import QuantEmbedding, QuantLinear, plain_state_dict
+from xtc_lightning.quant.layers import QuantEmbedding, QuantLinear
 from xtc_lightning.quant.quantizers import (
     WeightCodes,
     dequantize_weight,
@@ -49,7 +51,6 @@ __all__ = [
     "fake_quantize_weight",
     "find_quant_targets",
     "latent_weights",
-    "plain_state_dict",
     "quantization_summary",
     "set_quantization_enabled",
     "set_weight_form",

@@ -6,8 +6,8 @@ and the optimizer's view of them do not change: the latent full-precision weight
 are trained, the forward uses their fake-quantized values.
 
 The only extra state-dict entry is ``<linear>.act_range`` (a ``[min, max]`` buffer) on
-linears with a static activation range; ``plain_state_dict`` drops it so the state
-dict loads into the plain Hugging Face model with ``strict=True``.
+linears with a static activation range; without those entries the state dict loads into the
+plain Hugging Face model with ``strict=True``.
 
 ``quant_enabled`` switches quantization off and on (the schedule,
 ``apply.set_quantization_enabled``). While it is off the forward is the plain full
@@ -172,12 +172,6 @@ class QuantEmbedding(nn.Embedding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight={self.weight_spec.describe()}, enabled={self.quant_enabled}"
-
-
-def plain_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The state dict without the activation-range buffers: loads strictly into the plain HF model."""
-    suffix = "." + RANGE_BUFFER
-    return {k: v for k, v in state_dict.items() if not k.endswith(suffix)}
 
 
 QUANT_MODULES = (QuantLinear, QuantEmbedding)
