@@ -275,7 +275,12 @@ def update_benchmarks_md(body: str) -> None:
 
 
 # The recipe screen's table: plain W1A8 and every recipe / mixed-precision variant, per task.
-SCREEN = ["l3_w1a8", *(v for v in VARIANTS if v.startswith("l3_w1a8_") and VARIANT_TASKS.get(v) is None)]
+SCREEN = [
+    "teacher",
+    "l3_fp32",
+    "l3_w1a8",
+    *(v for v in VARIANTS if v.startswith("l3_w1a8_") and VARIANT_TASKS.get(v) is None),
+]
 
 
 def render_screen(table: dict) -> str:
@@ -294,7 +299,8 @@ def render_screen(table: dict) -> str:
                 if r["std"] is None
                 else f"{fmt(r['score'])} ± {fmt(r['std'])} ({len(r['runs'])} seeds)"
             )
-            delta = "" if plain is None or v == "l3_w1a8" else f"{100 * (r['score'] - plain['score']):+.1f}"
+            low_bit = v.startswith("l3_w1a8_")
+            delta = f"{100 * (r['score'] - plain['score']):+.1f}" if plain is not None and low_bit else ""
             kept = "" if teacher is None else fmt(r["score"] / teacher["score"], "%")
             lines.append(
                 f"| {task} | {LABELS[v]} | {score} ({r['wall_time_s'] / 60:.0f} min) | "
