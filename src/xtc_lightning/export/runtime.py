@@ -117,6 +117,8 @@ def _compiled(name: str):
     """
     fn = _COMPILED.get(name)
     if fn is None:
+        # one graph per (layer width, epilogue variant, GEMM route): more than dynamo's default 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         kernel = torch.compile({"quantize": quantize_per_token, "epilogue": epilogue}[name], dynamic=False)
 
         def fn(*args):
