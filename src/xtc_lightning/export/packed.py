@@ -259,7 +259,8 @@ def _check_semantics(packed: PackedFile, model: nn.Module) -> None:
                 {"weight": entry.get("weight") or {}, "activation": entry.get("activation") or {}}
             )
             act = spec.activation if entry.get("activation") else None
-            if spec.weight != quant.weight or (act is not None and act != quant.activation):
+            allowed = {quant.weight, *(w for _, w in quant.weight_by_target)}  # mixed precision
+            if spec.weight not in allowed or (act is not None and act != quant.activation):
                 raise UserError(
                     f"module '{entry.get('name')}' is stored as weight={spec.weight.describe()}, "
                     f"activation={spec.activation.describe()}, not as the file's quant config says"
