@@ -9,7 +9,7 @@ integer parts are exactly the runtime's (``runtime.py``):
                        ``Round(x / scale)``, half to even, as torch) or with its calibrated static
                        scale (``Clip`` to [-Q, Q]); ``MatMulInteger`` -> int32, exact (the codes
                        enter as uint8 ``code + 128`` with zero point 128: the same integers,
-                       and ONNX Runtime's fast u8 x s8 kernel; s8 x s8 is ~2x slower on CPU);
+                       for ONNX Runtime's optimized u8 x s8 CPU kernel);
                        then ``acc * w_scale * a_scale + bias`` in fp32
     embeddings         a quantized word embedding stays int8 codes + per-row scale: ``Gather``
                        both, ``Cast``, ``Mul`` (exactly ``dequantize_weight``); position and token
