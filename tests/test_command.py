@@ -10,9 +10,10 @@ from xtc_lightning.command import SUBCOMMANDS, main
 
 REPO = Path(__file__).resolve().parents[1]
 
-# what each subcommand's own --help says first (argparse's usage line, or Hydra's app help)
+# what each subcommand's own --help says first: argparse's usage line, or Hydra's app help (its
+# header names the job: "train" from the command line, the entry module "cli" under pytest)
 HELP_START = {
-    "train": "cli is powered by Hydra.",
+    "train": "",
     "export": "usage: xtc-export [-h]",
     "evaluate": "usage: xtc-evaluate [-h]",
     "predict": "usage: xtc-predict [-h]",
@@ -23,11 +24,15 @@ HELP_START = {
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``xtc <argv>``."""
+    from hydra.core.global_hydra import GlobalHydra
+
     code = 0
     try:
         main(argv)
     except SystemExit as exit:
         code = exit.code
+    finally:
+        GlobalHydra.instance().clear()  # `xtc train --help` leaves Hydra initialized in this process
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -50,6 +55,9 @@ def test_subcommand_help(name, capsys):
     code, out, err = run([name, "--help"], capsys)
     assert code == 0, err
     assert out.startswith(HELP_START[name]), out[:200]
+    if name == "train":
+        assert out.splitlines()[0].endswith(" is powered by Hydra.")
+        assert "\nquant: binary, fp32, ternary, w4a8, w8a8\n" in out  # the config groups it composes
 
 
 def test_unknown_subcommand_is_one_error_line(capsys):
