@@ -63,7 +63,14 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(
     assert two_res["data"]["dev_examples"] == 277
     rows = read_rows(two_dir / "predictions_dev.tsv")
     assert [int(r["index"]) for r in rows] == list(range(277))
-    assert rows == read_rows(one_dir / "predictions_dev.tsv")
+    ones = read_rows(one_dir / "predictions_dev.tsv")
+    exact = [{k: v for k, v in r.items() if not k.startswith("p_")} for r in rows]
+    assert exact == [{k: v for k, v in r.items() if not k.startswith("p_")} for r in ones]
+    # the probabilities (4 decimals) agree up to the last digit: the two GEMM splits round differently
+    probs = [[float(v) for k, v in r.items() if k.startswith("p_")] for r in rows]
+    np.testing.assert_allclose(
+        probs, [[float(v) for k, v in r.items() if k.startswith("p_")] for r in ones], atol=2e-4
+    )
     accuracy = np.mean([r["prediction"] == r["label"] for r in rows])
     assert two_res["metrics"]["dev"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
     assert two_res["metrics"] == one_res["metrics"]

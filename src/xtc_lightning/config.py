@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from xtc_lightning.errors import UserError
 from xtc_lightning.resume import RESUME_CHOICES
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # the configs shipped in the package (a link in a clone)
 STAGES = ("teacher", "reduce", "quantize", "export")
 PROGRESS = ("auto", "bar", "plain")
 TRAINED_STAGES = ("teacher", "reduce", "quantize")

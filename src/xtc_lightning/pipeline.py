@@ -406,9 +406,12 @@ def reduce_stage(
 
 
 def quiet_library_logs() -> None:
-    """Lightning adds its own console handler; Hydra's handlers already print (and file) its records."""
+    """Lightning adds its own console handler (and stops propagation when it is imported before
+    logging is configured); Hydra's handlers already print (and file) its records."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).handlers.clear()
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage()  # an advertisement, not information
     )
