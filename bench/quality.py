@@ -86,6 +86,10 @@ VARIANTS.update({
     # trade-offs, not 1-bit models: query and key (the most damaged part) at 8 or 2 bits
     "l3_w1a8_qk8": [*W1A8_3L, "quant.weight_by_target={query:{method:symmetric,bits:8},key:{method:symmetric,bits:8}}"],
     "l3_w1a8_qk2": [*W1A8_3L, "quant.weight_by_target={query:{method:ternary},key:{method:ternary}}"],
+    "l3_w1a8_emb2": [*W1A8_3L, "quant.weight_by_target={word_embeddings:{method:ternary}}"],
+    # DeepSpeedExamples' XTC 1-bit budget: 18 quantize epochs, 1 of warm-up, lr 5e-5 (budget or capacity?)
+    "l3_w1a8_ref": [*W1A8_3L, "quantize.max_epochs=18", "quantize.warmup_epochs=1", "quantize.lr=5e-5"],
+    "l3_w2a8_ref": ["student=l3", "quant=ternary", "quantize.max_epochs=18", "quantize.warmup_epochs=1", "quantize.lr=5e-5"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -109,6 +113,9 @@ LABELS = {
     "l3_w1a8_att01": "3L W1A8, attention loss x0.1 in the quantize stage",
     "l3_w1a8_qk8": "3L W1A8 with 8-bit query and key (mixed precision: a trade-off, not 1 bit)",
     "l3_w1a8_qk2": "3L W1A8 with ternary query and key (mixed precision: a trade-off, not 1 bit)",
+    "l3_w1a8_emb2": "3L W1A8 with ternary word embeddings (mixed precision: a trade-off, not 1 bit)",
+    "l3_w1a8_ref": "3L W1A8 at DeepSpeed's 1-bit budget: 18 quantize epochs, 1 warm-up, lr 5e-5",
+    "l3_w2a8_ref": "3L W2A8 at DeepSpeed's 1-bit budget: 18 quantize epochs, 1 warm-up, lr 5e-5",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {

@@ -151,6 +151,8 @@ BAD_CONFIGS = [
     (["optim.lr=0"], r"optim.lr=0 is not accepted: expected a number > 0"),
     (["optim.lr=-1e-3"], r"optim.lr=-0.001 is not accepted"),
     (["quantize.lr=0"], r"quantize.lr=0 is not accepted: expected a number > 0"),
+    (["quantize.warmup_epochs=-1"], r"quantize.warmup_epochs=-1 is not accepted: expected a number >= 0"),
+    (["optim.warmup_epochs=x"], r"optim.warmup_epochs='x' is not accepted: expected a number >= 0"),
     (["data.batch_size=0"], r"data.batch_size=0 is not accepted: expected an integer >= 1"),
     (["data.max_length=0"], r"data.max_length=0 is not accepted: expected an integer >= 1"),
     (["data.max_length=-5"], r"data.max_length=-5 is not accepted"),

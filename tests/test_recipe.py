@@ -257,3 +257,19 @@ def test_bad_mixed_precision_fails_in_one_line(by_target, message):
     with pytest.raises(UserError) as err:
         QuantConfig.from_dict({"weight": {"method": "binary"}, "weight_by_target": by_target})
     assert message in str(err.value)
+
+
+def test_quantize_stage_has_its_own_warmup():
+    """quantize.warmup_epochs reaches the quantize stage's scheduler only (DeepSpeed's 1-bit budget
+    warms up 1 of 18 epochs); the other stages keep optim.warmup_epochs, so their caches stay valid."""
+    from omegaconf import OmegaConf
+
+    from xtc_lightning.pipeline import stage_optim
+
+    cfg = OmegaConf.create({"optim": {"lr": 5e-5, "warmup_epochs": 0.1}, "quantize": {"warmup_epochs": 1.0}})
+    assert stage_optim(cfg, "quantize") == {"lr": 5e-5, "warmup_epochs": 1.0}
+    assert stage_optim(cfg, "reduce") == {"lr": 5e-5, "warmup_epochs": 0.1}
+    default = OmegaConf.create(
+        {"optim": {"warmup_epochs": 0.1}, "quantize": {"warmup_epochs": "${optim.warmup_epochs}"}}
+    )
+    assert stage_optim(default, "quantize")["warmup_epochs"] == 0.1

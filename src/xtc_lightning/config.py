@@ -97,6 +97,12 @@ def check_optimization(cfg: DictConfig) -> None:
     _positive_number("optim.lr", cfg.optim.lr)
     for stage in TRAINED_STAGES:
         _positive_number(f"{stage}.lr", cfg[stage].lr)
+    for name, value in (
+        ("optim.warmup_epochs", cfg.optim.warmup_epochs),
+        ("quantize.warmup_epochs", cfg.quantize.warmup_epochs),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise UserError(f"{name}={value!r} is not accepted: expected a number >= 0 (epochs)")
     if not _is_int(cfg.quantize.seed):
         raise UserError(f"quantize.seed={cfg.quantize.seed!r} is not accepted: expected an integer")
     _positive_int("data.batch_size", cfg.data.batch_size)

@@ -201,6 +201,13 @@ def fit_and_evaluate(
     }
 
 
+def stage_optim(cfg: DictConfig, stage: str) -> dict:
+    """The optimizer settings of a distillation stage: ``optim``, with the quantize stage's own
+    warm-up (``quantize.warmup_epochs``)."""
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    return {**optim, "warmup_epochs": cfg.quantize.warmup_epochs} if stage == "quantize" else optim
+
+
 def shaping_key(cfg: DictConfig, train_fingerprint: str, **stage: object) -> str:
     """Hash of everything that shapes a stage's model; a change in any of it trains a new one."""
     shaping = {
@@ -342,7 +349,7 @@ def student_stage(
         task.name,
         layers,
         OmegaConf.to_container(cfg.distill, resolve=True),
-        OmegaConf.to_container(cfg.optim, resolve=True),
+        stage_optim(cfg, stage),
         cfg[stage].lr,
         quant,
         recipe,
