@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import tiny_classifier
@@ -273,3 +274,23 @@ def test_quantize_stage_has_its_own_warmup():
         {"optim": {"warmup_epochs": 0.1}, "quantize": {"warmup_epochs": "${optim.warmup_epochs}"}}
     )
     assert stage_optim(default, "quantize")["warmup_epochs"] == 0.1
+
+
+@pytest.mark.parametrize("quant", ["binary", "ternary"])
+def test_mixed_precision_override_from_the_command_line(quant):
+    """The README's override composes: the YAML default is null, which a command line may replace by
+    a whole mapping (an empty mapping would be a closed struct that rejects the roles)."""
+    from hydra import compose, initialize_config_dir
+
+    from xtc_lightning.config import CONF_DIR
+
+    override = (
+        "quant.weight_by_target={query: {method: symmetric, bits: 8}, key: {method: symmetric, bits: 8}}"
+    )
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        plain = compose("config", overrides=[f"quant={quant}"])
+        mixed = compose("config", overrides=[f"quant={quant}", override])
+    assert QuantConfig.from_dict(OmegaConf.to_container(plain.quant)).weight_by_target == ()
+    q = QuantConfig.from_dict(OmegaConf.to_container(mixed.quant))
+    assert q.weight_for("query").bits == 8 and q.weight_for("key").bits == 8
+    assert q.weight_for("value") == q.weight

@@ -120,7 +120,8 @@ class QuantConfig:
             word_embeddings=_bool(d.get("word_embeddings", cls.word_embeddings), "quant.word_embeddings"),
             pooler=_bool(d.get("pooler", cls.pooler), "quant.pooler"),
         )
-        by_target = _mapping(d.get("weight_by_target", {}), "quant.weight_by_target")
+        # null (the YAML default, so that a command line may set the whole mapping) = none
+        by_target = _mapping(d.get("weight_by_target") or {}, "quant.weight_by_target")
         if by_target:
             quantized = [*cfg.targets, *(["word_embeddings"] if cfg.word_embeddings else [])]
             quantized += ["pooler"] if cfg.pooler else []
