@@ -87,6 +87,7 @@ VARIANTS.update({
     "l3_w1a8_qk8": [*W1A8_3L, "quant.weight_by_target={query:{method:symmetric,bits:8},key:{method:symmetric,bits:8}}"],
     "l3_w1a8_qk2": [*W1A8_3L, "quant.weight_by_target={query:{method:ternary},key:{method:ternary}}"],
     "l3_w1a8_emb2": [*W1A8_3L, "quant.weight_by_target={word_embeddings:{method:ternary}}"],
+    "l3_w1a8_scale_grad": [*W1A8_3L, "recipe.scale_gradient=true"],
     # DeepSpeedExamples' XTC 1-bit budget: 18 quantize epochs, 1 of warm-up, lr 5e-5 (budget or capacity?)
     "l3_w1a8_ref": [*W1A8_3L, "quantize.max_epochs=18", "quantize.warmup_epochs=1", "quantize.lr=5e-5"],
     "l3_w2a8_ref": ["student=l3", "quant=ternary", "quantize.max_epochs=18", "quantize.warmup_epochs=1", "quantize.lr=5e-5"],
@@ -114,6 +115,7 @@ LABELS = {
     "l3_w1a8_qk8": "3L W1A8 with 8-bit query and key (mixed precision: a trade-off, not 1 bit)",
     "l3_w1a8_qk2": "3L W1A8 with ternary query and key (mixed precision: a trade-off, not 1 bit)",
     "l3_w1a8_emb2": "3L W1A8 with ternary word embeddings (mixed precision: a trade-off, not 1 bit)",
+    "l3_w1a8_scale_grad": "3L W1A8, the gradient also flows through the binary scales (learned scales)",
     "l3_w1a8_ref": "3L W1A8 at DeepSpeed's 1-bit budget: 18 quantize epochs, 1 warm-up, lr 5e-5",
     "l3_w2a8_ref": "3L W2A8 at DeepSpeed's 1-bit budget: 18 quantize epochs, 1 warm-up, lr 5e-5",
 }

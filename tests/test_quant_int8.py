@@ -45,10 +45,12 @@ WEIGHTS = [
 
 @pytest.mark.parametrize("weight", WEIGHTS, ids=lambda w: w.describe())
 @pytest.mark.parametrize("act_bits", [8, 4])
-def test_int8_path_matches_the_fake_quant_path(weight, act_bits):
+@pytest.mark.parametrize("scale_grad", [False, True])
+def test_int8_path_matches_the_fake_quant_path(weight, act_bits, scale_grad):
     torch.manual_seed(0)
     act = ActivationSpec("symmetric", act_bits, "dynamic")
     fast = QuantLinear(nn.Linear(64, 6), weight, act)
+    fast.scale_grad = scale_grad  # binary / ternary: the gradient through the scale, on both paths
     ref = copy.deepcopy(fast)
     ref.int8_training = False
     x = torch.randn(4, 5, 64)

@@ -55,6 +55,8 @@ def recipe(**kw) -> Recipe:
         ({"latent_weight_decay": -0.1}, W1A8, "recipe.latent_weight_decay=-0.1 is not accepted: a number >= 0"),
         ({"attention_scale": float("nan")}, W1A8, "recipe.attention_scale=nan is not accepted: a finite number"),
         ({"progressive": "ramp", "progressive_epochs": 1}, QuantConfig(), "needs quantized weights"),
+        ({"scale_gradient": "yes"}, W1A8, "recipe.scale_gradient='yes' is not accepted: true or false"),
+        ({"scale_gradient": True}, QuantConfig(), "scale_gradient=true needs binary or ternary weights"),
     ],
 )  # fmt: skip
 def test_bad_recipes_fail_in_one_line(given, quant, message):
@@ -173,6 +175,12 @@ def test_training_follows_the_recipe_and_evaluation_sees_the_final_form():
     module.trainer.global_step = 10
     module.on_train_batch_start(None, 0)
     assert q.weight_spec == BINARY
+
+    assert not q.scale_grad  # the default recipe: no gradient through the scales
+    learned = distill_module(recipe(scale_gradient=True))
+    layer = learned.student.bert.encoder.layer[0].attention.self.query
+    learned.on_train_batch_start(None, 0)
+    assert layer.scale_grad and learned.student.get_input_embeddings().scale_grad
 
     ramp = distill_module(recipe(progressive="ramp", progressive_epochs=1))
     emb = ramp.student.get_input_embeddings()

@@ -220,6 +220,7 @@ class DistillModule(GlueModule):
             self.quant,
             lambda final: self.recipe.weight_spec_at(step, per_epoch, final),
             self.recipe.mix_at(step, per_epoch),
+            self.recipe.scale_gradient,
         )
 
     def on_train_epoch_start(self) -> None:

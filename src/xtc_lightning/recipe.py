@@ -12,6 +12,7 @@ the same state)::
     latent_lr_scale: 1.0        # lr of the quantized latent weights = quantize.lr * this
     latent_weight_decay: 0.01   # AdamW decay of the quantized latent weights
     attention_scale: 1.0        # quantize stage: distill.weights.attention * this
+    scale_gradient: false       # binary / ternary scales get a gradient too
 
 ``progressive``
     ``none``     the configured weights from the first step (XTC).
@@ -23,6 +24,14 @@ the same state)::
                  groups), then the same latent weights are binarized (a ternary -> binary
                  hand-off, after BinaryBERT's observation that binary training is easier from
                  a good ternary start, without its width-doubling split).
+
+``scale_gradient``
+    The scale of a binary or ternary group is ``mean|w|`` (over its nonzero codes): plain XTC
+    (BWN / TWN with a straight-through estimator) treats it as a constant, so it moves only as
+    far as ``|w|`` drifts (0.1% in 100 steps on MiniLM). With ``true`` the gradient also flows
+    through it (``quant.quantizers.scale_gradient``: XNOR-Net's derivative of the mean), so the
+    scales are learned from the loss. It is still ``mean|w|``: the forward, the state dict and
+    the packed export are unchanged, only the backward differs.
 
 Evaluation always uses the final form (``m = 1``, the configured method): every dev score,
 and so the best-on-dev checkpoint, is that of the model the export writes.
@@ -36,6 +45,7 @@ from dataclasses import dataclass, fields
 
 from xtc_lightning.errors import UserError
 from xtc_lightning.quant.config import QuantConfig, WeightSpec
+from xtc_lightning.quant.quantizers import SCALE_GRADIENT_METHODS
 
 PROGRESSIVE = ("none", "ramp", "ternary")
 
@@ -48,6 +58,7 @@ class Recipe:
     latent_lr_scale: float = 1.0
     latent_weight_decay: float = 0.01
     attention_scale: float = 1.0
+    scale_gradient: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping, quant: QuantConfig, quantize_epochs: int) -> Recipe:
@@ -87,6 +98,14 @@ class Recipe:
         lr_scale = _number(d.get("latent_lr_scale", cls.latent_lr_scale), "recipe.latent_lr_scale")
         if lr_scale <= 0:
             raise UserError(f"recipe.latent_lr_scale={lr_scale} is not accepted: a number > 0")
+        scale_grad = d.get("scale_gradient", cls.scale_gradient)
+        if not isinstance(scale_grad, bool):
+            raise UserError(f"recipe.scale_gradient={scale_grad!r} is not accepted: true or false")
+        if scale_grad and quant.weight.method not in SCALE_GRADIENT_METHODS:
+            raise UserError(
+                f"recipe.scale_gradient=true needs binary or ternary weights (quant.weight.method="
+                f"{quant.weight.method})"
+            )
         return cls(
             name=name,
             progressive=progressive,
@@ -98,6 +117,7 @@ class Recipe:
             attention_scale=_non_negative(
                 d.get("attention_scale", cls.attention_scale), "recipe.attention_scale"
             ),
+            scale_gradient=scale_grad,
         )
 
     def progressive_steps(self, steps_per_epoch: float) -> int:

@@ -166,17 +166,20 @@ def set_quantization_enabled(model: nn.Module, enabled: bool) -> int:
     return len(modules)
 
 
-def set_weight_form(model: nn.Module, cfg: QuantConfig, spec_of=None, mix: float = 1.0) -> int:
-    """Set the weight quantizer and the quantized share ``mix`` (see ``layers``) of every quantized
-    module of ``model`` whose weights are quantized (as ``apply_quantization(model, cfg)`` made
-    them); ``spec_of(configured spec) -> spec`` changes the quantizer (None: the configured one).
-    Returns how many modules there are."""
+def set_weight_form(
+    model: nn.Module, cfg: QuantConfig, spec_of=None, mix: float = 1.0, scale_grad: bool = False
+) -> int:
+    """Set the weight quantizer, the quantized share ``mix`` and ``scale_grad`` (see ``layers``) of
+    every quantized module of ``model`` whose weights are quantized (as ``apply_quantization(model,
+    cfg)`` made them); ``spec_of(configured spec) -> spec`` changes the quantizer (None: the
+    configured one). Returns how many modules there are."""
     modules = [m for m in model.modules() if isinstance(m, QUANT_MODULES)]
     modules = [m for m in modules if cfg.weight_for(m.role).enabled]
     for m in modules:
         configured = cfg.weight_for(m.role)
         m.set_weight_spec(configured if spec_of is None else spec_of(configured))
         m.mix = mix
+        m.scale_grad = scale_grad
     return len(modules)
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from xtc_lightning.quant.config import ActivationSpec, WeightSpec
-from xtc_lightning.quant.quantizers import float_weight_codes
+from xtc_lightning.quant.quantizers import SCALE_GRADIENT_METHODS, float_weight_codes, scale_gradient
 
 INT8_MAX = 127
 # Weight methods whose codes are signed integers within int8 (symmetric: |code| <= 2^(k-1) - 1).
@@ -80,9 +80,12 @@ def int_mm_usable(x: Tensor, weight: Tensor) -> bool:
 
 class _Int8LinearSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, spec: WeightSpec, qmax: int) -> Tensor:
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, spec: WeightSpec, qmax: int, scale_grad: bool
+    ) -> Tensor:
         out_features, in_features = weight.shape
         codes, scale, _ = float_weight_codes(weight, spec)  # (G, n) codes, (G, 1) scale
+        ctx.scale_groups = scale.shape[0] if scale_grad and spec.method in SCALE_GRADIENT_METHODS else 0
         w_codes = codes.reshape(out_features, in_features).to(torch.int8)
         w_scale = scale.reshape(-1).repeat_interleave(out_features // scale.shape[0])
         x_codes, a_scale = quantize_per_token(x.detach().reshape(-1, in_features), qmax)
@@ -101,14 +104,19 @@ class _Int8LinearSTE(torch.autograd.Function):
             grad_x = (g @ w_q).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             grad_w = g.t() @ x_codes.to(g.dtype).mul_(a_scale)  # x_q = the fake-quantized input
+            if ctx.scale_groups:
+                grad_w += scale_gradient(w_codes, grad_w, ctx.scale_groups)
         if ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
-def int8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, spec: WeightSpec, qmax: int) -> Tensor:
+def int8_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, spec: WeightSpec, qmax: int, scale_grad: bool = False
+) -> Tensor:
     """The fake-quant linear (``spec`` weights, symmetric per-token ``qmax`` inputs) through the integer GEMM.
 
-    Straight-through gradients to ``x`` and to the latent ``weight``, as the fake-quant layer.
+    Straight-through gradients to ``x`` and to the latent ``weight``, as the fake-quant layer
+    (with ``scale_grad``, also through a binary or ternary weight's scale).
     """
-    return _Int8LinearSTE.apply(x, weight, bias, spec, qmax)
+    return _Int8LinearSTE.apply(x, weight, bias, spec, qmax, scale_grad)

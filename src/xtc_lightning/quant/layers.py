@@ -17,7 +17,9 @@ calibrated when quantization starts.
 ``mix`` (default 1.0) is the quantized share of the forward weight: ``w + mix * (Q(w) - w)``
 (``torch.lerp``), so the gradient to ``w`` stays the identity; the progressive recipe
 (``recipe.py``) ramps it to 1. ``set_weight_spec`` changes the quantizer in place (the
-ternary -> binary hand-off). Both are training state only: the state dict is unchanged.
+ternary -> binary hand-off). ``scale_grad`` (default False) lets the gradient flow through a
+binary or ternary weight's scale too (``quantizers.scale_gradient``). All three are training
+state only: the state dict and the forward values are unchanged.
 
 Training forwards of linears with integer-coded weights (binary, ternary, symmetric
 k-bit, scales constant along rows) and dynamic symmetric inputs run through an int8 x int8
@@ -65,6 +67,7 @@ class QuantLinear(nn.Linear):
         self.activation_spec = activation
         self.quant_enabled = True
         self.mix = 1.0
+        self.scale_grad = False
         self.int8_training = int8_training_supported(weight, activation, linear.out_features)
         if activation.enabled and activation.range == "static":
             nan = torch.full((2,), float("nan"), device=linear.weight.device)
@@ -95,10 +98,11 @@ class QuantLinear(nn.Linear):
         if not self.quant_enabled:
             return F.linear(x, self.weight, self.bias)
         if self.training and self.int8_training and self.mix == 1.0 and int_mm_usable(x, self.weight):
-            return int8_linear(
-                x, self.weight, self.bias, self.weight_spec, activation_qrange(self.activation_spec)[1]
-            )
-        w = _mixed(self.weight, fake_quantize_weight(self.weight, self.weight_spec), self.mix)
+            qmax = activation_qrange(self.activation_spec)[1]
+            return int8_linear(x, self.weight, self.bias, self.weight_spec, qmax, self.scale_grad)
+        w = _mixed(
+            self.weight, fake_quantize_weight(self.weight, self.weight_spec, self.scale_grad), self.mix
+        )
         static = self._static_range(x) if self.has_static_range else None
         x = fake_quantize_activation(x, self.activation_spec, static)
         return F.linear(x, w, self.bias)
@@ -145,6 +149,7 @@ class QuantEmbedding(nn.Embedding):
         self.weight_spec = weight
         self.quant_enabled = True
         self.mix = 1.0
+        self.scale_grad = False
 
     def set_weight_spec(self, weight: WeightSpec) -> None:
         self.weight_spec = weight
@@ -166,8 +171,11 @@ class QuantEmbedding(nn.Embedding):
         if self.weight_spec.groups == "row":
             rows = self._lookup(input, self.weight)
             flat = rows.reshape(-1, self.embedding_dim)
-            return _mixed(flat, fake_quantize_weight(flat, self.weight_spec), self.mix).reshape(rows.shape)
-        w = _mixed(self.weight, fake_quantize_weight(self.weight, self.weight_spec), self.mix)
+            w_q = fake_quantize_weight(flat, self.weight_spec, self.scale_grad)
+            return _mixed(flat, w_q, self.mix).reshape(rows.shape)
+        w = _mixed(
+            self.weight, fake_quantize_weight(self.weight, self.weight_spec, self.scale_grad), self.mix
+        )
         return self._lookup(input, w)
 
     def extra_repr(self) -> str:

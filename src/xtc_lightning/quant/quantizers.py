@@ -36,7 +36,8 @@ Gradients (STE, as ``torch.autograd.Function``: no graph is built through the ro
     Dynamic activations: identity (the range covers every value: nothing is clipped).
     Static activations: identity inside the clipping range, zero outside it (values the
     frozen range clips get no gradient, as in PyTorch's fake quantization).
-    Scales and zero points never get a gradient.
+    Scales and zero points get no gradient, except a binary or ternary scale with
+    ``scale_grad`` (``scale_gradient``: the recipe's ``scale_gradient`` lever).
 
 Rounding is ``torch.round`` (half to even). Scales and codes are computed in the
 dtype of the input.
@@ -156,21 +157,50 @@ def dequantize_weight(wc: WeightCodes) -> Tensor:
     return _dequantize(codes, wc.scale.unsqueeze(1), zero_point).reshape(wc.codes.shape)
 
 
+SCALE_GRADIENT_METHODS = ("binary", "ternary")
+
+
+def scale_gradient(codes: Tensor, grad: Tensor, num_groups: int) -> Tensor:
+    """The part of ``dL/dw`` that flows through a binary or ternary group's scale.
+
+    Both scales are the mean ``|w|`` over the group's nonzero codes (binary: all ``n``; ternary:
+    the ``c`` entries above the threshold, the set held fixed), so ``d scale / d w_i =
+    code_i / c`` and, with ``grad = dL/dw_q`` and ``w_q = code * scale``::
+
+        term_i = code_i / c * sum_j grad_j * code_j        (c = max(1, nonzero codes))
+
+    ``codes`` and ``grad`` have the weight's shape; the term has it too.
+    """
+    cg = codes.reshape(num_groups, -1).to(grad.dtype)
+    gg = grad.reshape(num_groups, -1)
+    count = cg.ne(0).sum(dim=1, keepdim=True).clamp_(min=1)
+    return (cg * ((gg * cg).sum(dim=1, keepdim=True) / count)).reshape(grad.shape)
+
+
 class _WeightSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w: Tensor, spec: WeightSpec) -> Tensor:
-        return _dequantize(*float_weight_codes(w, spec)).reshape(w.shape)
+    def forward(ctx, w: Tensor, spec: WeightSpec, with_scale: bool) -> Tensor:
+        codes, scale, zero_point = float_weight_codes(w, spec)
+        if with_scale:
+            ctx.save_for_backward(codes)
+        ctx.with_scale, ctx.num_groups = with_scale, scale.shape[0]
+        return _dequantize(codes, scale, zero_point).reshape(w.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad, None
+        if not ctx.with_scale:
+            return grad, None, None
+        (codes,) = ctx.saved_tensors
+        return grad + scale_gradient(codes, grad, ctx.num_groups), None, None
 
 
-def fake_quantize_weight(w: Tensor, spec: WeightSpec) -> Tensor:
-    """Quantize-dequantize ``w``; the gradient passes to ``w`` unchanged (STE)."""
+def fake_quantize_weight(w: Tensor, spec: WeightSpec, scale_grad: bool = False) -> Tensor:
+    """Quantize-dequantize ``w``. The gradient passes to ``w`` unchanged (STE); with
+    ``scale_grad`` (binary and ternary only) it also flows through the scale
+    (``scale_gradient``), which then moves with the loss instead of only with ``mean|w|``."""
     if not spec.enabled:
         return w
-    return _WeightSTE.apply(w, spec)
+    return _WeightSTE.apply(w, spec, scale_grad and spec.method in SCALE_GRADIENT_METHODS)
 
 
 # ----------------------------------------------------------------------- activations
