@@ -200,6 +200,7 @@ def collect(glue_dir: str) -> dict:
                     "score_last_epoch": stage.get("score_last_epoch"),
                     "wall_time_s": res["wall_time_s"],
                     "train_examples": stage.get("train_examples", res["data"]["train_examples"]),
+                    "file_bytes": (res.get("export") or {}).get("size", {}).get("file_bytes"),
                 })  # fmt: skip
             if runs:
                 starts = [r["score_at_start"] for r in runs if r["score_at_start"] is not None]
@@ -208,6 +209,7 @@ def collect(glue_dir: str) -> dict:
                     "std": statistics.stdev(r["score"] for r in runs) if len(runs) > 1 else None,
                     "score_at_start": statistics.mean(starts) if starts else None,
                     "wall_time_s": statistics.mean(r["wall_time_s"] for r in runs),
+                    "file_bytes": runs[0]["file_bytes"],
                     "runs": runs,
                 }
         table[task] = row
@@ -289,13 +291,15 @@ SCREEN = [
     "l3_fp32",
     "l3_w1a8",
     *(v for v in VARIANTS if v.startswith("l3_w1a8_") and VARIANT_TASKS.get(v) is None),
+    "l3_w2a8",
+    "l3_w2a8_ref",
 ]
 
 
 def render_screen(table: dict) -> str:
     lines = [
-        "| task | variant | dev score | right after quantization | vs 3L W1A8 | of the teacher |",
-        "|---|---|---|---|---|---|",
+        "| task | variant | dev score | right after quantization | vs 3L W1A8 | of the teacher | packed file |",
+        "|---|---|---|---|---|---|---|",
     ]
     for task, row in table.items():
         plain, teacher = row.get("l3_w1a8"), row.get("teacher")
@@ -308,12 +312,13 @@ def render_screen(table: dict) -> str:
                 if r["std"] is None
                 else f"{fmt(r['score'])} ± {fmt(r['std'])} ({len(r['runs'])} seeds)"
             )
-            low_bit = v.startswith("l3_w1a8_")
+            low_bit = v.startswith(("l3_w1a8_", "l3_w2a8"))
             delta = f"{100 * (r['score'] - plain['score']):+.1f}" if plain is not None and low_bit else ""
             kept = "" if teacher is None else fmt(r["score"] / teacher["score"], "%")
+            size = "" if r["file_bytes"] is None else f"{r['file_bytes'] / 1e6:.2f} MB"
             lines.append(
                 f"| {task} | {LABELS[v]} | {score} ({r['wall_time_s'] / 60:.0f} min) | "
-                f"{fmt(r['score_at_start'])} | {delta} | {kept} |"
+                f"{fmt(r['score_at_start'])} | {delta} | {kept} | {size} |"
             )
     return "\n".join(lines)
 
