@@ -39,6 +39,8 @@ from xtc_lightning.export.size import SizeReport
 from xtc_lightning.finite import check_finite_weights
 from xtc_lightning.io import write_text_atomic
 from xtc_lightning.quant import QuantConfig, apply_quantization, set_quantization_enabled
+from xtc_lightning.results import RESULTS_FILE, read_json
+from xtc_lightning.resume import CONFIG_FILE
 from xtc_lightning.slim import load_weights
 from xtc_lightning.tasks import get_task
 
@@ -51,14 +53,11 @@ def read_run(run_dir: Path) -> tuple[dict, object]:
     """``results.json`` and the resolved config of a run folder."""
     from omegaconf import OmegaConf
 
-    results_path, config_path = run_dir / "results.json", run_dir / "config_resolved.yaml"
+    results_path, config_path = run_dir / RESULTS_FILE, run_dir / CONFIG_FILE
     for p in (results_path, config_path):
         if not p.is_file():
             raise UserError(f"{run_dir} is not a finished run folder: {p.name} is missing")
-    try:
-        results = json.loads(results_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{results_path}: not valid JSON ({err})") from None
+    results = read_json(results_path)
     if not isinstance(results.get("stages"), dict) or not results["stages"]:
         raise UserError(f"{results_path}: no stages recorded")
     return results, OmegaConf.load(config_path)
