@@ -191,7 +191,7 @@ def run_stages(ctx: RunContext) -> dict:
     # the dev rows the score covers (fewer than *_examples in a limited run)
     results.data["dev_scored"] = {s: count_rows(p) for s, p in results.predictions.items()}
     results.write(run_dir)
-    export = run_stage(ExportStage(), ctx, models)
+    export = run_stage(ExportStage(results.to_dict()), ctx, models)
     if export is not None:
         results.export = export
         results.wall_time_s = round(time.perf_counter() - t0, 2)

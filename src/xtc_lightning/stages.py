@@ -24,8 +24,14 @@ from xtc_lightning.config import STAGES, stage_seed
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.distill import enable_attention_scores
 from xtc_lightning.distributed import barrier, is_rank_zero
-from xtc_lightning.export import export_run
-from xtc_lightning.export.run import EXPORT_DIR, PACKED_NAME
+from xtc_lightning.export.run import (
+    EXPORT_DIR,
+    PACKED_NAME,
+    export_model,
+    export_run,
+    final_form,
+    quantize_base,
+)
 from xtc_lightning.models import check_model_source, count_parameters, load_classifier, num_layers_of
 from xtc_lightning.modules import ClassifierModule, DistillModule, GlueModule
 from xtc_lightning.predictions import write_predictions_tsv
@@ -70,6 +76,7 @@ class Models:
     teacher_dir: str | None = None  # the teacher's model folder, as recorded
     student: object = None
     layers: list[int] = field(default_factory=list)
+    quantized_here: bool = False  # the student is the quantize stage's best, trained in this process
 
     @property
     def drops_layers(self) -> bool:
@@ -348,7 +355,9 @@ class QuantizeStage(Stage):
         ctx.datamodule.seed = cfg.quantize.seed  # its data order too
         apply_quantization(models.student, ctx.quant)
         log.info("quantized modules:\n%s", quantization_summary(models.student).text)
-        return distil(ctx, self.name, models, ctx.recipe)
+        result = distil(ctx, self.name, models, ctx.recipe)
+        models.quantized_here = True  # its best-on-dev weights, as weights.safetensors holds them
+        return result
 
 
 class ExportStage(Stage):
@@ -356,6 +365,9 @@ class ExportStage(Stage):
     record is ``export/export.json`` (written by ``export_run``). Rank 0 only, after training."""
 
     name = "export"
+
+    def __init__(self, results: dict):
+        self.results = results  # results.json as just written: what the export reads of the run
 
     def needed(self, ctx: RunContext, models: Models) -> bool:
         return ctx.wants(self.name)
@@ -367,14 +379,22 @@ class ExportStage(Stage):
         return None
 
     def run(self, ctx: RunContext, models: Models) -> dict:
+        """Export the quantize stage's best student from memory when it trained in this process
+        (the same model ``xtc export`` rebuilds from the run folder); otherwise (an fp32 final
+        stage, a quantize stage finished before a resume) as ``xtc export`` does."""
         export = ctx.cfg.export
-        return export_run(
-            ctx.run_dir,
-            other_dtype=export.other_dtype,
-            hf=export.hf,
-            hf_dequantized=export.hf_dequantized,
-            evaluate=export.evaluate,
-        )
+        options = {
+            "other_dtype": export.other_dtype,
+            "hf": export.hf,
+            "hf_dequantized": export.hf_dequantized,
+            "evaluate": export.evaluate,
+        }
+        results = self.results
+        if not (results["final_stage"] == "quantize" and models.quantized_here):
+            return export_run(ctx.run_dir, **options)
+        model = final_form(models.student, ctx.quant)
+        base, source = quantize_base(results, ctx.run_dir), results["stages"]["quantize"]["weights"]
+        return export_model(model, ctx.quant, base, source, ctx.run_dir, results, ctx.cfg, **options)
 
     def record(self, ctx: RunContext, result: dict) -> dict:
         return result  # export_run wrote export/export.json
