@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -497,8 +498,32 @@ def finished_run(tmp_path_factory, glue_dir, tiny_bert_dir):
         ],  # fmt: skip
         root / "run",
     )
-    pipeline.run(cfg)
+    from xtc_lightning.export import run as export_module
+
+    rebuilt = []
+    with pytest.MonkeyPatch.context() as mp:
+        real = export_module.rebuild_final_model
+        mp.setattr(export_module, "rebuild_final_model", lambda *a: rebuilt.append(a) or real(*a))
+        pipeline.run(cfg)
+    assert not rebuilt  # the pipeline exports its in-memory student, it rebuilds nothing
+    # what the pipeline exported from its in-memory student, before the tests below re-export
+    shutil.copytree(root / "run" / "export", root / "exported_by_the_pipeline")
     return root / "run"
+
+
+def test_the_pipeline_exports_from_memory_what_xtc_export_rebuilds(finished_run):
+    """The pipeline packs its in-memory best student (the fixture checks it rebuilds nothing);
+    ``xtc export`` rebuilds it from the run folder (base model, quantization,
+    weights.safetensors): the same bytes, the same summary."""
+    in_memory = finished_run.parent / "exported_by_the_pipeline"
+    summary = export_run(finished_run)  # the run's settings: float16, hf/, evaluated on dev
+    packed = (in_memory / "model.safetensors").read_bytes()
+    assert packed == Path(summary["packed"]).read_bytes()
+    assert json.loads((in_memory / "export.json").read_text()) == summary
+    assert summary["source"] == str(finished_run / "quantize" / "weights.safetensors")
+    assert (in_memory / "hf" / "model.safetensors").read_bytes() == (
+        finished_run / "export" / "hf" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_export_run_reproduces_the_run_dev_metrics(finished_run, glue_dir):
@@ -575,6 +600,39 @@ def test_export_folder_model_card(finished_run):
     plain = Path(summary["hf_dequantized"])
     assert "quantization_config" not in json.loads((plain / "config.json").read_text())
     assert (plain / "model.safetensors").stat().st_size > 10 * summary["hf_file_bytes"]
+
+
+def test_export_evaluates_the_packed_file_on_the_runs_hub_dataset(
+    finished_run, glue_dir, tmp_path, monkeypatch
+):
+    """A run trained on hub data (data.dir null) gets its packed file evaluated on that hub
+    dataset too, not skipped. The hub is replaced by the local copy: tests never touch the network."""
+    from omegaconf import OmegaConf
+
+    from xtc_lightning import data
+
+    run = tmp_path / "hub_run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("export"))
+    cfg = OmegaConf.load(run / "config_resolved.yaml")
+    cfg.data.dir, cfg.data.hub_dataset = None, "someone/glue-copy"
+    OmegaConf.save(cfg, run / "config_resolved.yaml")
+    asked = []
+
+    def from_the_local_copy(task, dataset, split):
+        asked.append((task.name, dataset, split))
+        return data.read_local_split(task, glue_dir, split)
+
+    monkeypatch.setattr(data, "read_hub_split", from_the_local_copy)
+    summary = export_run(run, hf=False, other_dtype="float32")
+    assert asked == [("rte", "someone/glue-copy", "dev")]
+    results = json.loads((run / "results.json").read_text())
+    assert summary["dev"]["score"] == results["score"] and summary["dev"]["splits"] == results["metrics"]
+    cfg.data.dir = str(tmp_path / "not_here")  # a GLUE folder that is not on this machine: said, not guessed
+    OmegaConf.save(cfg, run / "config_resolved.yaml")
+    assert export_run(run, hf=False)["dev"] == {
+        "skipped": f"the run's GLUE folder is not here (data.dir='{tmp_path / 'not_here'}')"
+    }
+    assert len(asked) == 1
 
 
 def test_export_run_float16_and_evaluate_cli(finished_run, glue_dir, capsys):

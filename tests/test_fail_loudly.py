@@ -64,7 +64,8 @@ def test_nan_label_is_a_data_error_with_file_and_line(tmp_path, glue_dir):
 
 def test_non_finite_weights_are_never_cached_or_exported(tmp_path):
     from conftest import tiny_classifier
-    from xtc_lightning import pipeline
+    from xtc_lightning.cache import publish_to_cache
+    from xtc_lightning.results import StageResult
 
     model = tiny_classifier("bert", num_layers=1)
     with torch.no_grad():
@@ -74,12 +75,12 @@ def test_non_finite_weights_are_never_cached_or_exported(tmp_path):
         UserError,
         match=r"teacher \(before caching it\): non-finite weights \(NaN/inf\) in 'classifier.weight'",
     ):
-        pipeline.publish_to_cache(cache, {"stage": "teacher", "predictions": {}}, model, None)
+        publish_to_cache(cache, StageResult("teacher", metrics_best={}, score_best=0.5), model, None)
     assert not cache.parent.exists() or not any(cache.parent.iterdir())
 
 
 def test_results_json_refuses_nan(tmp_path):
-    from xtc_lightning.pipeline import write_json_atomic
+    from xtc_lightning.results import write_json_atomic
 
     with pytest.raises(UserError, match=r"'stages.quantize.score_best' is not finite"):
         write_json_atomic(tmp_path / "results.json", {"stages": {"quantize": {"score_best": float("nan")}}})

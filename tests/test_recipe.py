@@ -273,7 +273,7 @@ def test_quantize_stage_has_its_own_warmup():
     warms up 1 of 18 epochs); the other stages keep optim.warmup_epochs, so their caches stay valid."""
     from omegaconf import OmegaConf
 
-    from xtc_lightning.pipeline import stage_optim
+    from xtc_lightning.stages import stage_optim
 
     cfg = OmegaConf.create({"optim": {"lr": 5e-5, "warmup_epochs": 0.1}, "quantize": {"warmup_epochs": 1.0}})
     assert stage_optim(cfg, "quantize") == {"lr": 5e-5, "warmup_epochs": 1.0}

@@ -23,13 +23,13 @@ one small panel per task; PNG, or vector PDF/SVG.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from xtc_lightning.errors import UserError, entry_point
 from xtc_lightning.io import atomic_path, write_text_atomic
+from xtc_lightning.results import read_json
 from xtc_lightning.tasks import TASKS
 
 TASK_ORDER = ("mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte", "wnli")
@@ -86,7 +86,7 @@ def _theoretical_bytes(stage: dict) -> float:
 def _export_bytes(results: dict, run_dir: Path) -> int | None:
     export = results.get("export")
     if export is None and (run_dir / "export" / "export.json").is_file():
-        export = json.loads((run_dir / "export" / "export.json").read_text())
+        export = read_json(run_dir / "export" / "export.json")
     try:
         return int(export["size"]["file_bytes"])
     except (TypeError, KeyError):
@@ -95,7 +95,7 @@ def _export_bytes(results: dict, run_dir: Path) -> int | None:
 
 def points_of_run(results_path: Path, results: dict | None = None) -> list[Point]:
     """The student point (when the run went past the teacher) and the teacher point of one run."""
-    results = json.loads(results_path.read_text()) if results is None else results
+    results = read_json(results_path) if results is None else results
     run_dir = results_path.parent
     task, stages = results["task"], results["stages"]
     final_name = results.get("final_stage") or list(stages)[-1]
@@ -146,12 +146,19 @@ def collect(
     skipped, limited = [], []
     for path in find_results(roots):
         try:
-            results = json.loads(path.read_text())
+            results = read_json(path)
             if results.get("limited") and not include_limited:
                 limited.append(str(path.parent))
                 continue
             run_points = points_of_run(path, results)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # half-written or foreign
+        except (
+            OSError,
+            ValueError,
+            UserError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as err:  # half-written or foreign
             skipped.append(f"{path}: {type(err).__name__}: {err}")
             continue
         for p in run_points:

@@ -25,18 +25,25 @@ from xtc_lightning.metrics import compute_metrics, predictions_from_logits, task
 from xtc_lightning.modules import model_inputs
 from xtc_lightning.tasks import GlueTask, get_task
 
+HUB_DATASET = "nyu-mll/glue"  # conf/config.yaml's data.hub_dataset
 Predictions = dict[str, tuple[Tensor, Tensor, Tensor]]  # split -> (row index, prediction, label)
 
 
 def dev_data(
-    task: GlueTask, tokenizer, glue_dir: str | Path | None, max_length: int, batch_size: int
+    task: GlueTask,
+    tokenizer,
+    glue_dir: str | Path | None,
+    max_length: int,
+    batch_size: int,
+    hub_dataset: str = HUB_DATASET,
 ) -> GlueDataModule:
-    """The task's dev sets, tokenized and batched as the pipeline does it (no training split read)."""
+    """The task's dev sets, tokenized and batched as the pipeline does it (no training split read):
+    from ``glue_dir``, or from the hub dataset ``hub_dataset`` when ``glue_dir`` is None."""
     dm = GlueDataModule(
         task,
         tokenizer,
         glue_dir=None if glue_dir is None else str(glue_dir),
-        hub_dataset="nyu-mll/glue",
+        hub_dataset=hub_dataset,
         max_length=max_length,
         batch_size=batch_size,
         eval_batch_size=batch_size,
@@ -85,11 +92,13 @@ def evaluate_packed(
     max_length: int | None = None,
     batch_size: int | None = None,
     runtime: bool = False,
+    hub_dataset: str = HUB_DATASET,
 ) -> dict:
     """Dev metrics of a packed file: ``{"task", "splits": {split: metrics}, "score", "examples"}``.
 
-    ``split`` (e.g. ``dev_matched``) limits it to one dev split; ``score`` is then that
-    split's score. ``max_length`` / ``batch_size`` default to the run's stored settings.
+    The dev sets come from ``glue_dir``, or from the hub dataset ``hub_dataset`` when
+    ``glue_dir`` is None. ``split`` (e.g. ``dev_matched``) limits it to one dev split; ``score``
+    is then that split's score. ``max_length`` / ``batch_size`` default to the run's stored settings.
     """
     meta = packed_metadata(path)
     task = get_task(meta["task"])
@@ -108,7 +117,7 @@ def evaluate_packed(
         model = load_runtime(path)
     else:
         model = load_packed(path)
-    dm = dev_data(task, load_packed_tokenizer(path), glue_dir, max_length, batch_size)
+    dm = dev_data(task, load_packed_tokenizer(path), glue_dir, max_length, batch_size, hub_dataset)
     predictions = predict(model, task, dm)
     if split is not None:
         predictions = {split: predictions[split]}

@@ -1,5 +1,8 @@
-"""Export a finished run: its final model as a packed file, a transformers folder, and its dev score (``xtc-export``).
+"""Export a run's final model as a packed file, a transformers folder, and its dev score (``xtc-export``).
 
+``export_model`` does the work for a model at hand: the pipeline's export stage passes its
+in-memory best student (``stages.ExportStage``). ``export_run`` (``xtc export RUN_DIR``) first
+rebuilds that model from a finished run folder, then calls the same ``export_model``.
 From ``<run>/results.json`` and ``<run>/config_resolved.yaml``: the quantize stage's
 student is rebuilt as in the pipeline (the reduce stage's model folder, or the teacher's
 when no layer was dropped; ``apply_quantization`` with ``cfg.quant``; the selected weights,
@@ -38,7 +41,9 @@ from xtc_lightning.export.packed import export_packed, tokenizer_dir
 from xtc_lightning.export.size import SizeReport
 from xtc_lightning.finite import check_finite_weights
 from xtc_lightning.io import write_text_atomic
-from xtc_lightning.quant import QuantConfig, apply_quantization, set_quantization_enabled
+from xtc_lightning.quant import QuantConfig, apply_quantization, set_quantization_enabled, set_weight_form
+from xtc_lightning.results import RESULTS_FILE, read_json
+from xtc_lightning.resume import CONFIG_FILE
 from xtc_lightning.slim import load_weights
 from xtc_lightning.tasks import get_task
 
@@ -51,14 +56,11 @@ def read_run(run_dir: Path) -> tuple[dict, object]:
     """``results.json`` and the resolved config of a run folder."""
     from omegaconf import OmegaConf
 
-    results_path, config_path = run_dir / "results.json", run_dir / "config_resolved.yaml"
+    results_path, config_path = run_dir / RESULTS_FILE, run_dir / CONFIG_FILE
     for p in (results_path, config_path):
         if not p.is_file():
             raise UserError(f"{run_dir} is not a finished run folder: {p.name} is missing")
-    try:
-        results = json.loads(results_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{results_path}: not valid JSON ({err})") from None
+    results = read_json(results_path)
     if not isinstance(results.get("stages"), dict) or not results["stages"]:
         raise UserError(f"{results_path}: no stages recorded")
     return results, OmegaConf.load(config_path)
@@ -85,6 +87,12 @@ def _model_dir(results: dict, stage: str, path: Path) -> str:
     if not model_dir or not Path(model_dir).is_dir():
         raise UserError(f"{path}: the {stage} stage's model folder {model_dir!r} is gone (cache cleaned?)")
     return model_dir
+
+
+def quantize_base(results: dict, run_dir: Path) -> str:
+    """The model folder the quantize stage started from (the reduce stage's, else the teacher's):
+    the rebuilt student's architecture and the exported tokenizer."""
+    return _model_dir(results, "reduce" if "reduce" in results["stages"] else "teacher", run_dir)
 
 
 def quantize_weights(run_dir: Path, results: dict) -> tuple[dict, str]:
@@ -125,7 +133,7 @@ def rebuild_final_model(run_dir: Path, results: dict, cfg) -> tuple[nn.Module, Q
     if final != "quantize":
         base = _model_dir(results, final, run_dir)
         return load_classifier(cfg.model, task, name_or_path=base).eval(), QuantConfig(), base, base
-    base = _model_dir(results, "reduce" if "reduce" in results["stages"] else "teacher", run_dir)
+    base = quantize_base(results, run_dir)
     quant = QuantConfig.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
     student = load_classifier(cfg.model, task, name_or_path=base)
     apply_quantization(student, quant)
@@ -138,8 +146,15 @@ def rebuild_final_model(run_dir: Path, results: dict, cfg) -> tuple[nn.Module, Q
             f"{ckpt_path}: does not fit the rebuilt student (missing {missing}, unexpected {extra})"
         )
     student.load_state_dict(state, strict=True)
+    return final_form(student, quant), quant, base, str(ckpt_path)
+
+
+def final_form(student: nn.Module, quant: QuantConfig) -> nn.Module:
+    """The quantized student as it is evaluated and exported: quantization on, every weight in its
+    configured (final) form, eval mode. The same for a rebuilt student and the pipeline's own."""
+    set_weight_form(student, quant)
     set_quantization_enabled(student, True)
-    return student.eval(), quant, base, str(ckpt_path)
+    return student.cpu().eval()
 
 
 def export_run(
@@ -158,14 +173,52 @@ def export_run(
     also write ``hf-dequantized/`` (fp32, no activation quantization); ``onnx``: also write
     ``model.onnx`` (an unsupported model is refused before anything is written).
 
-    ``glue_dir`` defaults to the run's ``data.dir``; the dev evaluation of the packed file is
-    skipped (with the reason in ``dev.skipped``) when there is no local GLUE folder.
+    The dev evaluation of the packed file reads ``glue_dir`` (default: the run's ``data.dir``), or
+    the run's ``data.hub_dataset`` when neither is set, as the run did; it is skipped (with the
+    reason in ``dev.skipped``) when that folder is not on this machine.
     """
-    from transformers import AutoTokenizer
-
     run_dir = Path(run_dir).resolve()
     results, cfg = read_run(run_dir)
     model, quant, base, source = rebuild_final_model(run_dir, results, cfg)
+    return export_model(
+        model,
+        quant,
+        base,
+        source,
+        run_dir,
+        results,
+        cfg,
+        other_dtype=other_dtype,
+        glue_dir=glue_dir,
+        hf=hf,
+        hf_dequantized=hf_dequantized,
+        onnx=onnx,
+        evaluate=evaluate,
+    )
+
+
+def export_model(
+    model: nn.Module,
+    quant: QuantConfig,
+    base: str,
+    source: str,
+    run_dir: Path,
+    results: dict,
+    cfg,
+    *,
+    other_dtype: str = "float16",
+    glue_dir: str | Path | None = None,
+    hf: bool = True,
+    hf_dequantized: bool = False,
+    onnx: bool = False,
+    evaluate: bool = True,
+) -> dict:
+    """``export_run``'s body for a model already at hand (the pipeline's best student in memory,
+    or the one ``rebuild_final_model`` read back): ``model`` in its final form (``final_form``),
+    ``base`` the folder of its tokenizer, ``source`` where its weights are recorded, ``results``
+    and ``cfg`` the run's ``results.json`` and resolved config."""
+    from transformers import AutoTokenizer
+
     check_finite_weights(model, f"{source} (before exporting it)")
     if onnx:
         from xtc_lightning.export.onnx_export import check_supported
@@ -203,10 +256,10 @@ def export_run(
         "size": size.as_dict(),
         "dev": None,
     }
+    data_dir = glue_dir if glue_dir is not None else cfg.data.get("dir")
     if evaluate:
-        data_dir = glue_dir if glue_dir is not None else cfg.data.get("dir")
-        if data_dir and Path(data_dir).is_dir():
-            dev = evaluate_packed(packed_path, data_dir)
+        if not data_dir or Path(data_dir).is_dir():  # no folder: the run's hub dataset
+            dev = evaluate_packed(packed_path, data_dir or None, hub_dataset=cfg.data.hub_dataset)
             summary["dev"] = {
                 "splits": dev["splits"],
                 "score": dev["score"],
@@ -214,7 +267,7 @@ def export_run(
                 "score_difference": None if results.get("score") is None else dev["score"] - results["score"],
             }
         else:
-            summary["dev"] = {"skipped": f"no local GLUE folder (data.dir={data_dir!r})"}
+            summary["dev"] = {"skipped": f"the run's GLUE folder is not here (data.dir={data_dir!r})"}
     if onnx:
         from xtc_lightning.export.onnx_export import export_onnx, onnx_agreement
 

@@ -1,0 +1,400 @@
+"""The stages of a run: teacher -> reduce -> quantize -> export, each with the same shape.
+
+A stage answers four questions (``Stage``): is it ``needed`` in this run, is it ``done`` (its
+recorded result in the run folder: ``<stage>/result.json``, ``export/export.json``), ``run`` it,
+``record`` it. ``run_stage`` asks them in that order; a done stage only ``restore``s the models
+the next stages take from it (``Models``). Every trained stage is one ``Trainer.fit`` followed by
+an evaluation of its best-on-dev checkpoint (``fit_and_evaluate``). A ``RunContext`` carries what
+every stage reads: the config, the checked groups, the data, the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from xtc_lightning.augment import AugmentConfig
+from xtc_lightning.cache import cache_folder, from_cache, publish_to_cache, shaping_key
+from xtc_lightning.config import STAGES, stage_seed
+from xtc_lightning.data import GlueDataModule
+from xtc_lightning.distill import enable_attention_scores
+from xtc_lightning.distributed import barrier, is_rank_zero
+from xtc_lightning.export.run import (
+    EXPORT_DIR,
+    PACKED_NAME,
+    export_model,
+    export_run,
+    final_form,
+    quantize_base,
+)
+from xtc_lightning.models import check_model_source, count_parameters, load_classifier, num_layers_of
+from xtc_lightning.modules import ClassifierModule, DistillModule, GlueModule
+from xtc_lightning.predictions import write_predictions_tsv
+from xtc_lightning.quant import QuantConfig, apply_quantization, quantization_summary
+from xtc_lightning.recipe import Recipe
+from xtc_lightning.results import StageResult, read_json, write_json_atomic
+from xtc_lightning.resume import finished_stage, resume_checkpoint, stage_record_path
+from xtc_lightning.slim import WEIGHTS_NAME, drop_resume_state, save_weights
+from xtc_lightning.student import build_student
+from xtc_lightning.tasks import GlueTask
+from xtc_lightning.trainer import cluster_environment_name, make_trainer
+
+log = logging.getLogger("xtc_lightning")
+
+FP32 = {"weights": 32, "activations": 32}
+
+
+@dataclass
+class RunContext:
+    """What every stage reads: the config and its checked groups, the data, the folders."""
+
+    cfg: DictConfig
+    task: GlueTask
+    quant: QuantConfig
+    recipe: Recipe
+    augment: AugmentConfig
+    datamodule: GlueDataModule
+    tokenizer: object
+    run_dir: Path
+    cache_dir: Path  # paths.cache_dir, resolved
+
+    def wants(self, stage: str) -> bool:
+        """Whether ``stage`` is at or before the run's last stage (``cfg.stage``)."""
+        return STAGES.index(self.cfg.stage) >= STAGES.index(stage)
+
+
+@dataclass
+class Models:
+    """The models one stage hands to the next: the teacher, the student and its teacher layers."""
+
+    teacher: object = None
+    teacher_dir: str | None = None  # the teacher's model folder, as recorded
+    student: object = None
+    layers: list[int] = field(default_factory=list)
+    quantized_here: bool = False  # the student is the quantize stage's best, trained in this process
+
+    @property
+    def drops_layers(self) -> bool:
+        return len(self.layers) < num_layers_of(self.teacher.config)
+
+
+def write_predictions(task: GlueTask, predictions: dict, folder: Path) -> dict[str, str]:
+    """``predictions_<split>.tsv`` (``predictions.write_predictions_tsv``) of (index, prediction, label, probs).
+
+    Written by rank 0; every rank returns the paths."""
+    paths = {}
+    for split, rows in predictions.items():
+        path = folder / f"predictions_{split}.tsv"
+        paths[split] = str(path)
+        if is_rank_zero():
+            write_predictions_tsv(path, task, *rows)
+    return paths
+
+
+def seed_stage(cfg: DictConfig, stage: str, seed: int | None = None) -> None:
+    """Seed every generator from ``seed`` (default: the run's) and the stage name, before the stage
+    draws anything."""
+    L.seed_everything(stage_seed(cfg.seed if seed is None else seed, stage), workers=True, verbose=False)
+
+
+def stage_optim(cfg: DictConfig, stage: str) -> dict:
+    """The optimizer settings of a distillation stage: ``optim``, with the quantize stage's own
+    warm-up (``quantize.warmup_epochs``)."""
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    return {**optim, "warmup_epochs": cfg.quantize.warmup_epochs} if stage == "quantize" else optim
+
+
+def fit_and_evaluate(
+    ctx: RunContext, stage: str, module: GlueModule, max_epochs: int, score_at_start: bool = False
+) -> StageResult:
+    """Train one stage, then evaluate its best-on-dev checkpoint; return the stage's results.
+
+    ``score_at_start``: also evaluate the model before its first step (the quantize stage: the
+    dev score right after quantization, where the low-bit recipes differ most); kept in
+    ``<stage>/start.json`` so a resumed stage reports it too."""
+    stage_dir = ctx.run_dir / stage
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    trainer, checkpoint = make_trainer(ctx.cfg, stage, stage_dir, max_epochs)
+    t0 = time.perf_counter()
+    ckpt_path = resume_checkpoint(stage_dir)  # only there when resuming (see resume.check_resume)
+    if ckpt_path is not None:
+        log.info("%s: resuming from %s", stage, ckpt_path)
+    start, start_score = stage_dir / "start.json", None
+    if score_at_start and start.is_file():
+        start_score = read_json(start)["score"]
+    elif score_at_start:
+        trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
+        start_score = module.last_val["score"]
+        if is_rank_zero():
+            write_json_atomic(start, {"score": start_score, "metrics": module.last_val["splits"]})
+    trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    train_time = time.perf_counter() - t0
+    last = module.last_val
+    best_path = checkpoint.best_model_path
+    if is_rank_zero():  # consumed: Lightning would load them by itself in validate() under Slurm
+        for hpc in stage_dir.glob("hpc_ckpt_*.ckpt"):
+            hpc.unlink()
+    barrier()
+    # Re-evaluate the selected weights (the final ones when no checkpoint was saved): gives the
+    # reported metrics and the predictions files.
+    trainer.validate(
+        module, datamodule=ctx.datamodule, verbose=False, ckpt_path=best_path or None, weights_only=True
+    )
+    best = module.last_val
+    result = StageResult(
+        stage=stage,
+        metrics_best=best["splits"],
+        score_best=best["score"],
+        metrics_last_epoch=last.get("splits"),
+        score_last_epoch=last.get("score"),
+        selected="best val/score checkpoint" if best_path else "final weights (no checkpoint was saved)",
+        # the file is deleted once the stage is finished (slim.drop_resume_state); the weights stay
+        selected_checkpoint=Path(best_path).name if best_path else None,
+        steps=trainer.global_step,
+        resumed_from=str(ckpt_path) if ckpt_path else None,
+        world_size=trainer.world_size,
+        cluster_environment=cluster_environment_name(trainer),
+        predictions=write_predictions(module.task, module.last_predictions, stage_dir),
+        train_time_s=round(train_time, 2),
+        wall_time_s=round(time.perf_counter() - t0, 2),
+    )
+    if score_at_start:
+        result.score_at_start = start_score
+    return result
+
+
+def record_stage(run_dir: Path, result: StageResult) -> dict:
+    """``<stage>/result.json``: the stage is finished in this run folder (rank 0 writes); returns
+    the record as written."""
+    record = result.to_dict()
+    if is_rank_zero():
+        path = stage_record_path(run_dir, result.stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, record)
+        freed = drop_resume_state(path.parent)  # finished: nothing resumes from them any more
+        if freed:
+            log.info("%s: finished, deleted %.0f MB of resume checkpoints", result.stage, freed / 1e6)
+    return record
+
+
+class Stage:
+    """One stage's shape. ``done`` is its recorded result in the run folder (None: not finished);
+    ``restore`` puts a done stage's model into ``models`` for the next stages."""
+
+    name: str
+
+    def needed(self, ctx: RunContext, models: Models) -> bool:
+        raise NotImplementedError
+
+    def done(self, ctx: RunContext) -> dict | None:
+        return finished_stage(ctx.run_dir, self.name)
+
+    def restore(self, ctx: RunContext, models: Models, done: dict) -> None:
+        """Nothing to restore by default."""
+
+    def run(self, ctx: RunContext, models: Models) -> StageResult:
+        raise NotImplementedError
+
+    def record(self, ctx: RunContext, result: StageResult) -> dict:
+        return record_stage(ctx.run_dir, result)
+
+
+def run_stage(stage: Stage, ctx: RunContext, models: Models) -> dict | None:
+    """Is it needed? done? run, record. The stage's record, or None when not needed."""
+    if not stage.needed(ctx, models):
+        return None
+    done = stage.done(ctx)
+    if done is not None:
+        stage.restore(ctx, models, done)
+        return done
+    return stage.record(ctx, stage.run(ctx, models))
+
+
+class TeacherStage(Stage):
+    """Fine-tune the teacher, or reuse the cached one trained with the same settings, or evaluate
+    the given one (``teacher.checkpoint``)."""
+
+    name = "teacher"
+
+    def needed(self, ctx: RunContext, models: Models) -> bool:
+        return True
+
+    def run(self, ctx: RunContext, models: Models) -> StageResult:
+        cfg, task = ctx.cfg, ctx.task
+        if cfg.teacher.checkpoint:
+            return given_teacher(ctx)
+        key = shaping_key(
+            cfg, ctx.datamodule.train_fingerprint, teacher={k: cfg.teacher[k] for k in ("max_epochs", "lr")}
+        )
+        cache = cache_folder(ctx.cache_dir, "teachers", task.name, key)
+        cached = from_cache(cache, self.name, ctx.run_dir / self.name, task.dev_splits)
+        if cached is not None:
+            return cached
+        seed_stage(cfg, self.name)
+        model = load_classifier(cfg.model, task)
+        module = ClassifierModule(model, task.name, OmegaConf.to_container(cfg.optim), cfg.teacher.lr)
+        result = fit_and_evaluate(ctx, self.name, module, cfg.teacher.max_epochs)
+        result.params = count_parameters(model)
+        result.num_layers = num_layers_of(model.config)
+        result.bits = dict(FP32)
+        return publish_to_cache(cache, result, model, ctx.tokenizer)
+
+
+def given_teacher(ctx: RunContext) -> StageResult:
+    """``teacher.checkpoint``: an already fine-tuned HF folder; only evaluated."""
+    cfg, task = ctx.cfg, ctx.task
+    check_model_source(cfg.teacher.checkpoint)
+    model = load_classifier(cfg.model, task, name_or_path=cfg.teacher.checkpoint)
+    module = ClassifierModule(model, task.name, OmegaConf.to_container(cfg.optim), cfg.teacher.lr)
+    stage_dir = ctx.run_dir / "teacher"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    trainer, _ = make_trainer(cfg, "teacher", stage_dir, max_epochs=1)
+    t0 = time.perf_counter()
+    trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
+    return StageResult(
+        stage="teacher",
+        metrics_best=module.last_val["splits"],
+        score_best=module.last_val["score"],
+        selected="given checkpoint (not trained here)",
+        predictions=write_predictions(task, module.last_predictions, stage_dir),
+        params=count_parameters(model),
+        num_layers=num_layers_of(model.config),
+        bits=dict(FP32),
+        model_dir=str(Path(cfg.teacher.checkpoint).resolve()),
+        cached=False,
+        wall_time_s=round(time.perf_counter() - t0, 2),
+    )
+
+
+def distil(ctx: RunContext, stage: str, models: Models, recipe: Recipe | None = None) -> StageResult:
+    """Distil ``models.student`` from ``models.teacher`` (reduce: fp32; quantize: ``ctx.quant``
+    with ``recipe``)."""
+    cfg, student, layers = ctx.cfg, models.student, models.layers
+    quant = ctx.quant if stage == "quantize" else None
+    module = DistillModule(
+        models.teacher,
+        student,
+        ctx.task.name,
+        layers,
+        OmegaConf.to_container(cfg.distill, resolve=True),
+        stage_optim(cfg, stage),
+        cfg[stage].lr,
+        quant,
+        recipe,
+    )
+    result = fit_and_evaluate(ctx, stage, module, cfg[stage].max_epochs, score_at_start=quant is not None)
+    result.train_examples = len(ctx.datamodule.train_set)
+    result.params = count_parameters(student)
+    result.num_layers = len(layers)
+    result.layers = layers
+    if quant is None:
+        result.bits = dict(FP32)
+    else:
+        summary = quantization_summary(student)
+        result.bits = {"weights": quant.weight.bits, "activations": quant.activation.bits, "name": quant.name}
+        if quant.mixed:
+            result.bits["weights_by_target"] = {r: s.bits for r, s in quant.weight_by_target}
+        result.params_by_bits = {str(k): v for k, v in summary.params_by_bits.items()}
+        weights = ctx.run_dir / stage / WEIGHTS_NAME  # the selected student, what xtc-export reads
+        result.weights = save_weights(student, weights) if is_rank_zero() else str(weights)
+    return result
+
+
+class ReduceStage(Stage):
+    """Step 1: the layer-reduced student distilled in full precision (cached like the teacher)."""
+
+    name = "reduce"
+
+    def needed(self, ctx: RunContext, models: Models) -> bool:
+        return ctx.wants(self.name) and models.drops_layers
+
+    def restore(self, ctx: RunContext, models: Models, done: dict) -> None:
+        models.student = self.load(ctx, done["model_dir"])
+
+    @staticmethod
+    def load(ctx: RunContext, model_dir: str):
+        return enable_attention_scores(load_classifier(ctx.cfg.model, ctx.task, name_or_path=model_dir))
+
+    def run(self, ctx: RunContext, models: Models) -> StageResult:
+        cfg = ctx.cfg
+        key = shaping_key(
+            cfg,
+            ctx.datamodule.train_fingerprint,
+            from_teacher=models.teacher_dir,
+            layers=models.layers,
+            distill=OmegaConf.to_container(cfg.distill, resolve=True),
+            reduce={k: cfg.reduce[k] for k in ("max_epochs", "lr")},
+        )
+        cache = cache_folder(ctx.cache_dir, "reduced", ctx.task.name, key)
+        cached = from_cache(cache, self.name, ctx.run_dir / self.name, ctx.task.dev_splits)
+        if cached is not None:
+            models.student = self.load(ctx, cached.model_dir)
+            return cached
+        seed_stage(cfg, self.name)
+        models.student = build_student(models.teacher, models.layers)
+        result = distil(ctx, self.name, models)
+        return publish_to_cache(cache, result, models.student, ctx.tokenizer)
+
+
+class QuantizeStage(Stage):
+    """Step 2: quantize the student (``quant``) and distil it again with the low-bit ``recipe``."""
+
+    name = "quantize"
+
+    def needed(self, ctx: RunContext, models: Models) -> bool:
+        return ctx.wants(self.name) and ctx.quant.enabled
+
+    def run(self, ctx: RunContext, models: Models) -> StageResult:
+        cfg = ctx.cfg
+        seed_stage(cfg, self.name, cfg.quantize.seed)
+        ctx.datamodule.seed = cfg.quantize.seed  # its data order too
+        apply_quantization(models.student, ctx.quant)
+        log.info("quantized modules:\n%s", quantization_summary(models.student).text)
+        result = distil(ctx, self.name, models, ctx.recipe)
+        models.quantized_here = True  # its best-on-dev weights, as weights.safetensors holds them
+        return result
+
+
+class ExportStage(Stage):
+    """The final model as a packed file and folders (``export/run.py``), checked on dev; its
+    record is ``export/export.json`` (written by ``export_run``). Rank 0 only, after training."""
+
+    name = "export"
+
+    def __init__(self, results: dict):
+        self.results = results  # results.json as just written: what the export reads of the run
+
+    def needed(self, ctx: RunContext, models: Models) -> bool:
+        return ctx.wants(self.name)
+
+    def done(self, ctx: RunContext) -> dict | None:
+        export_dir = ctx.run_dir / EXPORT_DIR
+        if (export_dir / "export.json").is_file() and (export_dir / PACKED_NAME).is_file():
+            return read_json(export_dir / "export.json")  # exported before an interruption
+        return None
+
+    def run(self, ctx: RunContext, models: Models) -> dict:
+        """Export the quantize stage's best student from memory when it trained in this process
+        (the same model ``xtc export`` rebuilds from the run folder); otherwise (an fp32 final
+        stage, a quantize stage finished before a resume) as ``xtc export`` does."""
+        export = ctx.cfg.export
+        options = {
+            "other_dtype": export.other_dtype,
+            "hf": export.hf,
+            "hf_dequantized": export.hf_dequantized,
+            "evaluate": export.evaluate,
+        }
+        results = self.results
+        if not (results["final_stage"] == "quantize" and models.quantized_here):
+            return export_run(ctx.run_dir, **options)
+        model = final_form(models.student, ctx.quant)
+        base, source = quantize_base(results, ctx.run_dir), results["stages"]["quantize"]["weights"]
+        return export_model(model, ctx.quant, base, source, ctx.run_dir, results, ctx.cfg, **options)
+
+    def record(self, ctx: RunContext, result: dict) -> dict:
+        return result  # export_run wrote export/export.json
