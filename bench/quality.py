@@ -15,6 +15,7 @@ Prints the table as JSON and rewrites the quality section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -178,6 +179,18 @@ def run_one(task: str, variant: str, threads: int, seed: int = SEED) -> Path:
     return run_dir
 
 
+def dev_by_epoch(run_dir: Path, steps: int) -> list[float]:
+    """The quantize stage's dev score at the end of each epoch, from its CSV log (the evaluations
+    at step 0, the score right after quantization, and after training, the best checkpoint's, are
+    left out)."""
+    path = run_dir / "logs" / "quantize" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/score")]
+    return [float(r["val/score"]) for r in rows if 0 < int(r["step"]) < steps]
+
+
 def collect(glue_dir: str) -> dict:
     """Per task and variant: the mean over the seeds that ran (``score``, ``score_at_start``, wall
     time) and each seed's numbers (``runs``)."""
@@ -201,6 +214,7 @@ def collect(glue_dir: str) -> dict:
                     "wall_time_s": res["wall_time_s"],
                     "train_examples": stage.get("train_examples", res["data"]["train_examples"]),
                     "file_bytes": (res.get("export") or {}).get("size", {}).get("file_bytes"),
+                    "dev_by_epoch": dev_by_epoch(path.parent, stage.get("steps", 0)) if "quantize" in res["stages"] else [],
                 })  # fmt: skip
             if runs:
                 starts = [r["score_at_start"] for r in runs if r["score_at_start"] is not None]
@@ -323,6 +337,17 @@ def render_screen(table: dict) -> str:
     return "\n".join(lines)
 
 
+def render_curves(table: dict) -> str:
+    """Dev score after each quantize epoch of the long (reference-budget) runs."""
+    lines = []
+    for task, row in table.items():
+        for v in (v for v in SCREEN if v.endswith("_ref") and v in row):
+            for r in row[v]["runs"]:
+                scores = ", ".join(fmt(x) for x in r["dev_by_epoch"])
+                lines.append(f"- {task}, {LABELS[v]} (seed {r['seed']}), dev after each epoch: {scores}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
@@ -363,8 +388,10 @@ def main() -> None:
         "3L W1A8 students of the MiniLM teacher, quantize stage only varied (same cached teacher and 3L fp32 "
         "student per task; `quantize.seed` for seeds). *Right after quantization*: the dev score of the "
         "binarized fp32 student before any quantize step. Settings and overrides: `bench/quality.py`; run "
-        "with `python bench/quality.py --tasks stsb --variants l3_w1a8 l3_w1a8_ramp ... --threads 1`.\n\n"
-        + render_screen(table),
+        "with `python bench/quality.py --tasks stsb --variants l3_w1a8 l3_w1a8_ramp ... --threads 1`. "
+        "*Packed file*: the exported model's size (mixed precision costs bytes).\n\n"
+        + render_screen(table)
+        + ("\n\n" + curves if (curves := render_curves(table)) else ""),
     )
 
 
