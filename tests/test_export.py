@@ -359,11 +359,11 @@ def test_consistent_file_that_does_not_fit_the_model_is_refused(tmp_path):
 def test_failed_write_leaves_the_previous_file(packed_file, monkeypatch):
     before = packed_file.read_bytes()
 
-    def crash(tensors, filename, metadata=None):
+    def crash(filename, tensors, metadata):
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(packed_format, "save_file", crash)
+    monkeypatch.setattr(packed_format, "write_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
         export_packed(tiny_model(CONFIGS["w1a8"], seed=5), packed_file, quant_cfg=CONFIGS["w1a8"], task="rte")
     assert packed_file.read_bytes() == before

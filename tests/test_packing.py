@@ -110,3 +110,32 @@ def test_unpack_refuses_wrong_byte_count_and_bits():
         pack_bits(torch.zeros(3, dtype=U8), 9)
     with pytest.raises(ValueError, match="1-D uint8"):
         unpack_bits(torch.zeros(2, dtype=torch.int8), 4, 4)
+
+
+def test_safetensors_bytes_are_a_valid_file_in_one_fixed_order(tmp_path):
+    """The packed writer's safetensors bytes: readable by safetensors itself (every dtype the packed
+    format stores, an empty tensor), and the same bytes whatever the order the entries come in
+    (safetensors' own writer orders the metadata by hash: different bytes in every process)."""
+    from safetensors import safe_open
+
+    from xtc_lightning.export.format import safetensors_bytes
+
+    tensors = {
+        "b.codes": torch.tensor([0b1010_0101, 255], dtype=torch.uint8),
+        "a.scale": torch.tensor([0.5, -2.0], dtype=torch.float16),
+        "c": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "d": torch.tensor([1.5], dtype=torch.bfloat16),
+        "e": torch.tensor([-3, 7], dtype=torch.int64),
+        "f": torch.zeros(0, 4),
+    }
+    meta = {"z": "1", "format": "xtc-packed", "m": '{"k":2}'}
+    data = safetensors_bytes(tensors, meta)
+    assert safetensors_bytes(dict(reversed(tensors.items())), dict(reversed(meta.items()))) == data
+    header_len = int.from_bytes(data[:8], "little")
+    assert header_len % 8 == 0 and data[8:20] == b'{"__metadata'
+    (tmp_path / "x.safetensors").write_bytes(data)
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata() == meta
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t) and f.get_tensor(name).dtype == t.dtype

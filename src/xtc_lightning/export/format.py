@@ -41,7 +41,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from xtc_lightning.errors import UserError
@@ -180,7 +179,44 @@ def write_packed(
     }
     meta["sha256"] = _digest(meta, tensors)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        write_safetensors(tmp, tensors, meta)
+
+
+# safetensors' dtype names
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
+    Path(path).write_bytes(safetensors_bytes(tensors, metadata))
+
+
+def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
+    """A safetensors file in one fixed order: the same model gives the same bytes.
+
+    (``safetensors.torch.save_file`` writes ``__metadata__`` in hash order, which changes from
+    process to process.) Layout, as the safetensors spec: an 8-byte little-endian header length,
+    the JSON header (``__metadata__`` then the tensors, keys sorted, padded with spaces to a
+    multiple of 8), then each tensor's little-endian bytes in name order.
+    """
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
 
 
 def _json(value) -> str:

@@ -15,7 +15,7 @@ rounded, so outputs differ slightly and a rare near-tie prediction can flip.
 
 Metadata written here (next to ``format.py``'s)::
 
-    model_class, model_config   the HF class name and ``config.to_dict()``
+    model_class, model_config   the HF class name and ``config.to_dict()`` (without ``_name_or_path``)
     quant                       the QuantConfig the model was quantized with
     task, labels                GLUE task name and the label names by id
     modules                     every quantized module: name, kind, weight and activation spec
@@ -115,7 +115,9 @@ def export_packed(
         }
     metadata = {
         "model_class": type(model).__name__,
-        "model_config": model.config.to_dict(),
+        # without _name_or_path: a folder of the machine that trained it (the in-memory student
+        # names the teacher, a rebuilt one the cached student), so the bytes do not depend on it
+        "model_config": {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"},
         "quant": _plain(
             {
                 **dataclasses.asdict(quant),
