@@ -57,7 +57,9 @@ def test_subcommand_help(name, capsys):
     assert out.startswith(HELP_START[name]), out[:200]
     if name == "train":
         assert out.splitlines()[0].endswith(" is powered by Hydra.")
-        assert "\nquant: binary, fp32, ternary, w4a8, w8a8\n" in out  # the config groups it composes
+        assert (
+            "\nquant: binary, binary_qk2, fp32, ternary, w4a8, w8a8\n" in out
+        )  # the config groups it composes
 
 
 def test_unknown_subcommand_is_one_error_line(capsys):

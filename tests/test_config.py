@@ -69,7 +69,10 @@ def test_every_form_of_hydras_grammar_passes_the_check(arg):
         ("logger=[csv,wandbx]", r"^unknown logger 'wandbx'; choose one of: csv, wandb$"),
         ("task=choice(rte,mrpx)", r"^unknown task 'mrpx'; choose one of: cola, .*, wnli$"),
         ("task=rte,sst3", r"^unknown task 'sst3'"),
-        ("quant=glob(zz*)", r"^quant glob\(zz\*\) matches none of: binary, fp32, ternary, w4a8, w8a8$"),
+        (
+            "quant=glob(zz*)",
+            r"^quant glob\(zz\*\) matches none of: binary, binary_qk2, fp32, ternary, w4a8, w8a8$",
+        ),
         ("task=interval(0,1)", r"^task takes option names, not interval\(0,1\); choose one of: cola"),
         ("task=1", r"^unknown task '1'"),
         ("task=[rte", r"^cannot parse override 'task=\[rte': no viable alternative at input '\[rte'"),

@@ -302,3 +302,23 @@ def test_mixed_precision_override_from_the_command_line(quant):
     q = QuantConfig.from_dict(OmegaConf.to_container(mixed.quant))
     assert q.weight_for("query").bits == 8 and q.weight_for("key").bits == 8
     assert q.weight_for("value") == q.weight
+
+
+def test_binary_qk2_preset_keeps_query_and_key_ternary():
+    """quant=binary_qk2: the W1A8 preset with ternary query and key, everything else as quant=binary."""
+    from hydra import compose, initialize_config_dir
+
+    from xtc_lightning.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        mixed = compose("config", overrides=["quant=binary_qk2"]).quant
+        plain = compose("config", overrides=["quant=binary"]).quant
+    q = QuantConfig.from_dict(OmegaConf.to_container(mixed))
+    assert q.name == "w1a8_qk2"
+    assert q.weight_for("query") == q.weight_for("key") == WeightSpec("ternary", 2, "row")
+    for role in ("value", "attention_output", "intermediate", "output", "word_embeddings"):
+        assert q.weight_for(role) == WeightSpec("binary", 1, "row")
+    rest = {k: v for k, v in OmegaConf.to_container(mixed).items() if k not in ("name", "weight_by_target")}
+    assert rest == {
+        k: v for k, v in OmegaConf.to_container(plain).items() if k not in ("name", "weight_by_target")
+    }
