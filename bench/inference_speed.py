@@ -67,7 +67,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from xtc_lightning.data import read_local_split  # noqa: E402
 from xtc_lightning.export import export_packed, load_packed  # noqa: E402
-from xtc_lightning.export.runtime import load_runtime  # noqa: E402
+from xtc_lightning.inference import load_runtime  # noqa: E402
 from xtc_lightning.models import minilm_path  # noqa: E402
 from xtc_lightning.quant import QuantConfig, apply_quantization  # noqa: E402
 from xtc_lightning.student import build_student  # noqa: E402
@@ -216,8 +216,8 @@ class OrtModel:
 
 def memory(models: dict, file_bytes: int) -> dict:
     """Bytes of tensors each runtime variant (and the fake-quant reference) holds, and the packed file's size."""
-    from xtc_lightning.export.bitrows import held_bytes
-    from xtc_lightning.export.runtime import runtime_bytes
+    from xtc_lightning.inference import runtime_bytes
+    from xtc_lightning.inference.bitrows import held_bytes
 
     held = {n: runtime_bytes(m) for n, m in models.items() if n.startswith("runtime_w1a8_3L")}
     held["fakequant_w1a8_3L"] = held_bytes(models["fakequant_w1a8_3L"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_runtime import close, inputs, packed_w1a8
-from xtc_lightning.export.runtime import load_runtime
+from xtc_lightning.inference import load_runtime
 from xtc_lightning.quant import QuantConfig
 
 # ----------------------------------------------------------------------------- torch.export

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 import xtc_lightning  # noqa: F401 (registers quant_method "xtc")
 from xtc_lightning.export import export_packed, load_packed, size_report
 from xtc_lightning.export.hf_packed import XtcLinear, XtcQuantConfig, export_hf_packed
-from xtc_lightning.export.runtime import optimize_for_inference
+from xtc_lightning.inference import optimize_for_inference
 from xtc_lightning.quant import QuantConfig, apply_quantization
 
 W1A8 = {

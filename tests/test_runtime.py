@@ -11,18 +11,12 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig
 
 from xtc_lightning.export import PackedLinear, export_packed, load_packed
-from xtc_lightning.export.runtime import (
-    SERIAL_TOKENS,
-    Int8Linear,
-    Int8ResidualNorm,
-    _can_prepack,
-    load_runtime,
-    onednn_prepack,
-    optimize_for_inference,
-    quantize_per_token,
-)
-from xtc_lightning.export.runtime import _compiled as compiled_kernel
+from xtc_lightning.inference import Int8Linear, Int8ResidualNorm, load_runtime, optimize_for_inference
+from xtc_lightning.inference.linear import _can_prepack, onednn_prepack
+from xtc_lightning.inference.linear import _compiled as compiled_kernel
+from xtc_lightning.inference.unpad import SERIAL_TOKENS
 from xtc_lightning.quant import ActivationSpec, QuantConfig, QuantLinear, WeightSpec, apply_quantization
+from xtc_lightning.quant.int8 import quantize_per_token
 
 A8 = ActivationSpec("symmetric", 8, "dynamic")
 WEIGHTS = {
@@ -323,7 +317,7 @@ def test_small_inputs_run_on_one_thread_and_full_rows_skip_the_scatter(tmp_path)
 
 
 def test_bit_packed_rows_round_trip_every_width():
-    from xtc_lightning.export.bitrows import pack_rows, unpack_rows
+    from xtc_lightning.inference.bitrows import pack_rows, unpack_rows
 
     g = torch.Generator().manual_seed(0)
     for method, bits, lo, hi in (
@@ -344,8 +338,8 @@ def test_bit_packed_rows_round_trip_every_width():
 
 @pytest.mark.parametrize("low_memory", [False, True])
 def test_runtime_holds_bit_packed_codes_and_keeps_outputs(low_memory, tmp_path):
-    from xtc_lightning.export.bitrows import BitRowsEmbedding
-    from xtc_lightning.export.runtime import runtime_bytes
+    from xtc_lightning.inference import runtime_bytes
+    from xtc_lightning.inference.bitrows import BitRowsEmbedding
 
     path = packed_w1a8(tmp_path)
     reference = load_packed(path)

@@ -8,7 +8,6 @@
     hf.py         export_hf: plain HF folder with dequantized weights
     hf_packed.py  export_hf_packed: transformers folder with packed weights (the "xtc" quantizer)
     card.py       model_card: the folder's README.md (HF model card)
-    runtime.py    the fast CPU inference engine: int8 GEMMs, padding removal, fused QKV
     onnx_export.py  export_onnx: an ONNX model keeping the low-bit structure (``xtc-export --onnx``)
     evaluate.py   evaluate_packed, ``xtc-evaluate``: dev metrics from the packed file alone
     run.py        export_run, ``xtc-export``: export a finished run folder

@@ -112,7 +112,7 @@ def evaluate_packed(
     if max_length < 1 or batch_size < 1:
         raise UserError(f"max_length={max_length} and batch_size={batch_size} must be positive")
     if runtime:
-        from xtc_lightning.export.runtime import load_runtime
+        from xtc_lightning.inference import load_runtime
 
         model = load_runtime(path)
     else:

@@ -1,7 +1,7 @@
 """An ONNX model of a packed BERT classifier that keeps the low-bit structure (``xtc-export --onnx``).
 
 The graph is built by hand with ``onnx.helper`` from ``load_packed(path)`` (opset 17), so the
-integer parts are exactly the runtime's (``runtime.py``):
+integer parts are exactly the runtime's (``xtc_lightning.inference``):
 
     quantized linear   weight codes as an int8 initializer ``(in, out)`` (binary {-1, 1},
                        ternary {-1, 0, 1}, k-bit codes minus zero point) + fp32 per-row scale;
@@ -46,7 +46,7 @@ from torch import nn
 from xtc_lightning.errors import UserError
 from xtc_lightning.export.layers import PackedEmbedding, PackedLinear
 from xtc_lightning.export.packed import load_packed
-from xtc_lightning.export.runtime import int8_weight
+from xtc_lightning.inference.linear import int8_weight
 from xtc_lightning.io import atomic_path
 from xtc_lightning.quant import QuantEmbedding, QuantLinear, WeightSpec
 from xtc_lightning.quant.quantizers import activation_qparams, activation_qrange

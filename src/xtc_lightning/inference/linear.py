@@ -1,4 +1,4 @@
-"""Low-bit CPU inference: int8 activations x low-bit weight codes through an integer GEMM.
+"""The integer linear: int8 activations x low-bit weight codes through an int8 GEMM, and its epilogues.
 
 For a quantized linear whose weight scale is constant along each output row (groups
 "tensor", "row", or N groups with N dividing ``out_features``: every group is whole
@@ -8,50 +8,30 @@ static per-tensor range), ``Int8Linear`` computes the fake-quant forward as an i
 integer codes are identical to the fake-quant model's, the only difference is fp32
 rounding. Weight codes: binary {-1, +1}, ternary {-1, 0, 1}, symmetric k-bit, and
 asymmetric k <= 7 bits (``code - zero_point`` still fits int8) are all stored as one
-int8 matrix built once at load.
+int8 matrix built once at load (or bit-packed, ``Int8Linear.compact``).
 
-Padding is skipped (``unpad=True``, BERT-style classifiers: ``base_model`` with
-``embeddings``, ``encoder`` and ``pooler``, a ``dropout`` + ``classifier`` head): the real
-tokens of a right-padded batch run through the encoder as one packed sequence, so every
-linear, LayerNorm and GELU touches only real tokens; attention alone scatters them back
-to a ``(batch, heads, longest, head dim)`` grid masked to each sentence. Every per-token
-operation is unchanged (activation scales are per token, so the codes are identical) and
-the pooler reads each sentence's first token, as the padded model does. GLUE dev batches
-padded to 128 hold ~20% real tokens on SST-2. Batches whose first column is padding (left
-padding), ``inputs_embeds`` or extra outputs take the model's own (padded) forward.
-
-Not supported (the layer is left as it is, i.e. the exact fp32 dequantized fallback):
-groups that split a row (N not dividing ``out_features``: it would need per-group
-partial sums), asymmetric activations, 8-bit asymmetric weights, unquantized weights,
-an uncalibrated static range, ``quant_enabled = False``.
-
-Typical use::
-
-    model = load_runtime("out/model.safetensors")   # load_packed + optimize_for_inference
-    with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask).logits
+The GEMM runs on oneDNN's prepacked weight with the per-row scale in its epilogue
+(``onednn_gemm``) where this torch build has it, else as ``torch._int_mm``. What follows it
+runs in one ``torch.compile``'d epilogue (``epilogue``): the per-token scale and bias, and
+the exact GELU (``fold_gelu``) or the residual add and LayerNorm of HF's output blocks
+(``Int8ResidualNorm``, ``fold_residual_norm``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AttentionInterface
-from transformers.modeling_outputs import SequenceClassifierOutput
 
-from xtc_lightning.export.bitrows import (
-    SIGNED_METHODS,
-    compact_embeddings,
-    held_bytes,
-    pack_rows,
-    unpack_rows,
-)
+from xtc_lightning.inference.bitrows import SIGNED_METHODS, pack_rows, unpack_rows
 from xtc_lightning.quant import QuantLinear, WeightCodes, weight_codes
 from xtc_lightning.quant.int8 import INT8_MAX, quantize_per_token
 from xtc_lightning.quant.quantizers import activation_qparams, activation_qrange
+
+if TYPE_CHECKING:
+    from xtc_lightning.inference.qkv import FusedSiblings
 
 
 def int8_weight(wc: WeightCodes, out_features: int) -> tuple[Tensor, Tensor] | None:
@@ -363,208 +343,6 @@ def fold_residual_norm(model: nn.Module) -> list[str]:
     return names
 
 
-UNPADDED_ATTENTION = "xtc_unpadded"
-
-
-def unpadded_attention(
-    module: nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[Tensor, None]:
-    """Attention of packed tokens ``(1, heads, N, d)``: scattered to a padded grid, attended per sentence.
-
-    ``kwargs["xtc_unpad"]`` (set by ``UnpaddedForward``) holds the token positions in the
-    ``(batch, longest)`` grid, the key mask and whether to use sdpa or the eager formula.
-    """
-    grid: _PaddingGrid = kwargs["xtc_unpad"]
-    heads, dim = query.shape[1], query.shape[3]
-
-    def to_grid(x: Tensor) -> Tensor:
-        if grid.full:  # no padding: the packed tokens are the grid, row by row
-            return x[0].transpose(0, 1).reshape(grid.batch, grid.length, heads, dim).transpose(1, 2)
-        out = x.new_zeros(grid.batch * grid.length, heads, dim)
-        out.index_copy_(0, grid.index, x[0].transpose(0, 1))
-        return out.view(grid.batch, grid.length, heads, dim).transpose(1, 2)
-
-    q, k, v = to_grid(query), to_grid(key), to_grid(value)
-    if grid.sdpa:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=grid.key_mask, scale=scaling)
-    else:  # transformers' eager formula: additive mask, softmax, weighted sum
-        scale = dim**-0.5 if scaling is None else scaling
-        scores = torch.matmul(q, k.transpose(2, 3)) * scale
-        if grid.key_mask is not None:
-            scores = scores.masked_fill(~grid.key_mask, torch.finfo(scores.dtype).min)
-        out = torch.matmul(F.softmax(scores, dim=-1), v)
-    out = out.transpose(1, 2).reshape(grid.batch * grid.length, heads, dim)
-    if not grid.full:
-        out = out.index_select(0, grid.index)
-    return out.unsqueeze(0), None
-
-
-AttentionInterface.register(UNPADDED_ATTENTION, unpadded_attention)
-
-
-class _PaddingGrid:
-    """Where the real tokens of a right-padded batch sit: ``index`` into the flattened ``(batch, length)`` grid."""
-
-    def __init__(self, attention_mask: Tensor, sdpa: bool):
-        real = attention_mask.bool()
-        self.batch = real.shape[0]
-        self.length = int(real.any(0).nonzero().max()) + 1  # up to the last column holding a real token
-        real = real[:, : self.length]
-        self.index = real.reshape(-1).nonzero().squeeze(1)
-        self.full = self.index.numel() == real.numel()  # every position is a real token
-        self.key_mask = None if self.full else real[:, None, None, :]  # None: every key is real
-        counts = real.sum(1)
-        self.first = torch.cumsum(counts, 0) - counts  # each sentence's first token in the packed order
-        self.sdpa = sdpa
-
-    def pack(self, t: Tensor) -> Tensor:
-        """``(batch, T)`` -> the real tokens as ``(1, N)``."""
-        return t[:, : self.length].reshape(-1).index_select(0, self.index).unsqueeze(0)
-
-
-# Inputs of at most this many real tokens run on one thread (``UnpaddedForward``): each of the
-# forward's ~60 small ops would otherwise pay a thread synchronisation (batch 1 at 2 threads
-# was slower than at 1 thread). GLUE sentences are ~10-60 tokens.
-SERIAL_TOKENS = 64
-
-
-class UnpaddedForward:
-    """A BERT-style classifier's forward over the real tokens only (installed as ``model.forward``).
-
-    Inputs with at most ``SERIAL_TOKENS`` real tokens run on one intra-op thread (the
-    process's thread count is restored afterwards).
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    @staticmethod
-    def supports(model: nn.Module) -> bool:
-        base = getattr(model, "base_model", None)
-        return (
-            base is not None
-            and base is not model
-            and all(
-                isinstance(getattr(base, n, None), nn.Module) for n in ("embeddings", "encoder", "pooler")
-            )
-            and isinstance(getattr(model, "classifier", None), nn.Module)
-            and isinstance(getattr(model, "dropout", None), nn.Module)
-        )
-
-    @property
-    def __code__(self):
-        """torch.export names its trace after ``model.forward.__code__``."""
-        return type(self).__call__.__code__
-
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
-        usable = (
-            not torch.compiler.is_compiling()  # torch.export traces the padded forward (no data-dependent shapes)
-            and input_ids is not None
-            and attention_mask is not None
-            and not kwargs
-            and bool(attention_mask[:, 0].all())  # right padding: the pooler's first token is real
-            and not self.model.training
-        )
-        if not usable:  # the class's own (padded) forward
-            return type(self.model).forward(
-                self.model,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                token_type_ids=token_type_ids,
-                **kwargs,
-            )
-        grid = _PaddingGrid(attention_mask, sdpa=self.model.config._attn_implementation != "eager")
-        threads = torch.get_num_threads()
-        if threads == 1 or grid.index.numel() > SERIAL_TOKENS:
-            return self.packed_forward(input_ids, token_type_ids, grid)
-        torch.set_num_threads(1)  # few tokens: thread synchronisation would cost more than it saves
-        try:
-            return self.packed_forward(input_ids, token_type_ids, grid)
-        finally:
-            torch.set_num_threads(threads)
-
-    def packed_forward(self, input_ids: Tensor, token_type_ids: Tensor | None, grid: _PaddingGrid):
-        model, base = self.model, self.model.base_model
-        config = model.config
-        positions = torch.arange(grid.length, device=input_ids.device).expand(grid.batch, -1)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        hidden = base.embeddings(
-            input_ids=grid.pack(input_ids),
-            token_type_ids=grid.pack(token_type_ids),
-            position_ids=grid.pack(positions),
-        )
-        chosen = config._attn_implementation
-        config._attn_implementation = UNPADDED_ATTENTION
-        try:
-            hidden = base.encoder(hidden, xtc_unpad=grid).last_hidden_state
-        finally:
-            config._attn_implementation = chosen
-        first = hidden[0].index_select(0, grid.first).unsqueeze(1)  # (batch, 1, hidden)
-        logits = model.classifier(model.dropout(base.pooler(first)))
-        return SequenceClassifierOutput(logits=logits)
-
-
-class FusedSiblings:
-    """Int8 linears of one parent reading the same input (query, key, value) as one GEMM.
-
-    The first call with a new input tensor computes every sibling's output at once (one
-    activation quantization, one int8 GEMM over the concatenated weight codes, one
-    rescale); each sibling returns its columns. Integer sums are exact and the rescale is
-    elementwise, so the outputs are bit-identical to separate GEMMs. The result is reused
-    only for the very same input tensor object (``is``; the reference it holds keeps the id
-    from being recycled).
-    """
-
-    def __init__(self, members: list[Int8Linear]):
-        self.lead = members[0]
-        compact = members[0].weight_int8 is None  # all compact or none (``FusedSiblings.key``)
-        self.weight_int8 = None if compact else torch.cat([m.weight_int8 for m in members])
-        self.weight_bits = torch.cat([m.weight_bits for m in members]) if compact else None
-        self.codes_spec = members[0].codes_spec
-        self.weight_scale = torch.cat([m.weight_scale for m in members])
-        self.bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
-        self.packed_weight = None
-        if self.lead.packed_weight is not None:
-            w = self.weight_int8
-            if w is None:
-                w = unpack_rows(self.weight_bits, *self.codes_spec, self.lead.in_features)
-            self.packed_weight = onednn_prepack(w)
-        start = 0
-        for m in members:
-            m.siblings, m.columns = self, slice(start, start + m.out_features)
-            m.packed_weight = None  # the group's GEMM is the one that runs
-            rows = slice(start, start + m.out_features)
-            if compact:  # the members' buffers become views of the group's: one copy in memory
-                m.weight_bits = self.weight_bits[rows]
-            else:
-                m.weight_int8 = self.weight_int8[rows]
-            start += m.out_features
-        self.x = self.y = None
-
-    @staticmethod
-    def key(m: Int8Linear) -> tuple:
-        """Linears with equal keys can share a GEMM: same input width, input quantizer and bias presence."""
-        scale = None if m.act_scale is None else float(m.act_scale)
-        return (m.in_features, m.act_qmax, scale, m.bias is None, m.weight_int8 is None, m.codes_spec)
-
-    def output(self, x: Tensor) -> Tensor:
-        if self.x is not x:
-            w, packed = self.weight_int8, _prepacked(self.packed_weight)
-            if w is None and packed is None:
-                w = unpack_rows(self.weight_bits, *self.codes_spec, self.lead.in_features)
-            self.y = self.lead.matmul(x, w, self.weight_scale, self.bias, packed)
-            self.x = x
-        return self.y
-
-
 def fold_gelu(model: nn.Module) -> list[str]:
     """Move each exact GELU that directly follows an ``Int8Linear`` into that linear's epilogue (in place).
 
@@ -592,73 +370,6 @@ def fold_gelu(model: nn.Module) -> list[str]:
     return folded
 
 
-def optimize_for_inference(
-    model: nn.Module,
-    attn_implementation: str | None = "sdpa",
-    compile: bool = True,
-    fuse_siblings: bool = True,
-    unpad: bool = True,
-    prepack: bool = True,
-    low_memory: bool = False,
-) -> nn.Module:
-    """Swap every supported quantized linear for an ``Int8Linear`` (in place); returns ``model`` in eval mode.
-
-    Unsupported layers (see the module docstring) stay as they are: exact fake-quant /
-    dequantized fp32 behaviour. ``attn_implementation`` ("sdpa", "eager" or None to keep
-    the model's) switches the attention kernel; the fake-quant reference uses eager, sdpa
-    gives the same logits up to float rounding and is faster. ``compile`` runs the
-    activation quantizer and the int32 -> fp32 rescale as ``torch.compile``'d fused
-    kernels (first call compiles, ~20 s; falls back to eager ops if compiling fails).
-    ``fuse_siblings`` runs the int8 linears of one parent module that read the same input
-    (query / key / value) as one GEMM (``FusedSiblings``). ``unpad`` installs ``UnpaddedForward`` (BERT-style
-    classifiers; see the module docstring). ``prepack`` runs the GEMMs on oneDNN's prepacked
-    weights with the per-row scale in the GEMM's epilogue (``onednn_gemm``; where this torch
-    build has the op and it is exact here), else ``torch._int_mm``; the prepacked copies are
-    plain attributes, outside the state dict (``prepack=False`` for ``torch.export``). The
-    ``low_memory`` keeps the codes bit-packed (``Int8Linear.compact``, ``BitRowsEmbedding``
-    tables whatever this flag) and unpacks each linear's codes at its call (no prepacked copy).
-    The exact GELU after an int8 linear runs in that linear's epilogue (``fold_gelu``), and so do the
-    residual add and LayerNorm of HF's output blocks (``fold_residual_norm``).
-    ``model.int8_summary`` records ``{"int8": [...names], "fallback": [...names], "unpadded":
-    bool}``.
-    """
-    use_compile = compile and _can_compile()
-    use_prepack = prepack and not low_memory and _can_prepack()
-    fast, fallback = [], []
-    groups: dict[tuple, list[Int8Linear]] = {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, QuantLinear):
-            continue
-        new = Int8Linear.from_quant_linear(module)
-        if new is None:
-            fallback.append(name)
-            continue
-        parent, _, child = name.rpartition(".")
-        new.compiled = use_compile
-        if use_prepack:
-            new.packed_weight = onednn_prepack(new.weight_int8)
-        if low_memory or new.packed_weight is not None:  # the prepacked copy computes: keep only bits
-            new.compact()
-        groups.setdefault((parent, *FusedSiblings.key(new)), []).append(new)
-        setattr(model.get_submodule(parent), child, new)
-        fast.append(name)
-    if fuse_siblings:
-        for members in groups.values():
-            if len(members) > 1:
-                FusedSiblings(members)
-    fold_gelu(model)
-    fold_residual_norm(model)
-    compact_embeddings(model)
-    current = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if attn_implementation is not None and current is not None and current != attn_implementation:
-        model.set_attn_implementation(attn_implementation)
-    unpadded = unpad and UnpaddedForward.supports(model)
-    if unpadded and not isinstance(model.forward, UnpaddedForward):
-        model.forward = UnpaddedForward(model)
-    model.int8_summary = {"int8": fast, "fallback": fallback, "unpadded": unpadded}
-    return model.eval()
-
-
 def _can_compile() -> bool:
     """True if inductor can build the fused kernels here (a C++ compiler exists and a tiny case compiles)."""
     if "ok" not in _COMPILED:
@@ -671,20 +382,6 @@ def _can_compile() -> bool:
             ok = False
         _COMPILED["ok"] = ok
     return bool(_COMPILED["ok"])
-
-
-def runtime_bytes(model: nn.Module) -> int:
-    """Bytes of the tensors a runtime model holds: its parameters and buffers, the prepacked
-    oneDNN weights and the sibling groups' concatenated tensors (``held_bytes``: each storage once)."""
-    extra = []
-    for m in model.modules():
-        if isinstance(m, Int8Linear):
-            g = m.siblings
-            extra += [m.packed_weight and m.packed_weight.weight]
-            if g is not None:
-                extra += [g.weight_int8, g.weight_bits, g.packed_weight and g.packed_weight.weight]
-                extra += [g.weight_scale, g.bias]
-    return held_bytes(model, extra)
 
 
 def _can_prepack() -> bool:
@@ -704,24 +401,3 @@ def _can_prepack() -> bool:
                 ok = False
         _COMPILED["prepack"] = ok
     return bool(_COMPILED["prepack"])
-
-
-def load_runtime(
-    path: str | Path,
-    attn_implementation: str | None = "sdpa",
-    compile: bool = True,
-    unpad: bool = True,
-    prepack: bool = True,
-    low_memory: bool = False,
-) -> nn.Module:
-    """``optimize_for_inference(load_packed(path))``: the fast CPU model of a packed file."""
-    from xtc_lightning.export.packed import load_packed
-
-    return optimize_for_inference(
-        load_packed(path),
-        attn_implementation=attn_implementation,
-        compile=compile,
-        unpad=unpad,
-        prepack=prepack,
-        low_memory=low_memory,
-    )
