@@ -92,6 +92,11 @@ VARIANTS.update({
     # DeepSpeedExamples' XTC 1-bit budget: 18 quantize epochs, 1 of warm-up, lr 5e-5 (budget or capacity?)
     "l3_w1a8_ref": [*W1A8_3L, "quantize.max_epochs=18", "quantize.warmup_epochs=1", "quantize.lr=5e-5"],
     "l3_w2a8_ref": ["student=l3", "quant=ternary", "quantize.max_epochs=18", "quantize.warmup_epochs=1", "quantize.lr=5e-5"],
+    # The two levers that worked, together: ternary query/key at the reference budget.
+    "l3_w1a8_qk2_ref": ["student=l3", "quant=binary_qk2", "quantize.max_epochs=18", "quantize.warmup_epochs=1", "quantize.lr=5e-5"],
+    # Few signs flip at lr 1e-4 (1.1% in 100 steps): move the latent weights faster instead of longer.
+    "l3_w1a8_lr5e4": [*W1A8_3L, "quantize.lr=5e-4"],
+    "l3_w1a8_qk2_latent_lr5": ["student=l3", "quant=binary_qk2", NO_DECAY, "recipe.latent_lr_scale=5"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -119,6 +124,9 @@ LABELS = {
     "l3_w1a8_scale_grad": "3L W1A8, the gradient also flows through the binary scales (learned scales)",
     "l3_w1a8_ref": "3L W1A8 at DeepSpeed's 1-bit budget: 18 quantize epochs, 1 warm-up, lr 5e-5",
     "l3_w2a8_ref": "3L W2A8 at DeepSpeed's 1-bit budget: 18 quantize epochs, 1 warm-up, lr 5e-5",
+    "l3_w1a8_qk2_ref": "3L W1A8 with ternary query and key at DeepSpeed's 1-bit budget (18 epochs, 1 warm-up, lr 5e-5)",
+    "l3_w1a8_lr5e4": "3L W1A8, quantize lr 5e-4 (5x)",
+    "l3_w1a8_qk2_latent_lr5": "3L W1A8 with ternary query and key, no latent decay, latent weights at 5x the lr",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {
