@@ -97,6 +97,8 @@ VARIANTS.update({
     # Few signs flip at lr 1e-4 (1.1% in 100 steps): move the latent weights faster instead of longer.
     "l3_w1a8_lr5e4": [*W1A8_3L, "quantize.lr=5e-4"],
     "l3_w1a8_qk2_latent_lr5": ["student=l3", "quant=binary_qk2", NO_DECAY, "recipe.latent_lr_scale=5"],
+    # Distil the binary student from its own fp32 self, layer for layer (TernaryBERT / BinaryBERT).
+    "l3_w1a8_self": [*W1A8_3L, "recipe.teacher=fp32_student"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -127,6 +129,7 @@ LABELS = {
     "l3_w1a8_qk2_ref": "3L W1A8 with ternary query and key at DeepSpeed's 1-bit budget (18 epochs, 1 warm-up, lr 5e-5)",
     "l3_w1a8_lr5e4": "3L W1A8, quantize lr 5e-4 (5x)",
     "l3_w1a8_qk2_latent_lr5": "3L W1A8 with ternary query and key, no latent decay, latent weights at 5x the lr",
+    "l3_w1a8_self": "3L W1A8 distilled from the 3L fp32 student, layer for layer (recipe.teacher=fp32_student)",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {

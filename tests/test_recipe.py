@@ -57,6 +57,7 @@ def recipe(**kw) -> Recipe:
         ({"progressive": "ramp", "progressive_epochs": 1}, QuantConfig(), "needs quantized weights"),
         ({"scale_gradient": "yes"}, W1A8, "recipe.scale_gradient='yes' is not accepted: true or false"),
         ({"scale_gradient": True}, QuantConfig(), "scale_gradient=true needs binary or ternary weights"),
+        ({"teacher": "student"}, W1A8, "recipe.teacher='student' is not accepted: teacher | fp32_student"),
     ],
 )  # fmt: skip
 def test_bad_recipes_fail_in_one_line(given, quant, message):
@@ -190,16 +191,24 @@ def test_training_follows_the_recipe_and_evaluation_sees_the_final_form():
     assert emb.mix == 1.0
 
 
-def test_pipeline_with_a_progressive_recipe_exports_a_binary_model(tmp_path, glue_dir, tiny_bert_dir):
-    """A ternary phase then binary, no latent decay: the stage records its score right after
-    quantization, and the export holds 1-bit weights whose packed score matches the run's."""
+@pytest.mark.parametrize(
+    "recipe_args",
+    [
+        ["recipe.progressive=ternary", "recipe.progressive_epochs=1", "recipe.latent_weight_decay=0"],
+        ["recipe.teacher=fp32_student"],
+    ],
+    ids=["ternary_then_binary", "fp32_student_teacher"],
+)
+def test_pipeline_with_a_recipe_exports_a_binary_model(tmp_path, glue_dir, tiny_bert_dir, recipe_args):
+    """A ternary phase then binary with no latent decay, or distilling from the fp32 student: the
+    stage records its score right after quantization, and the export holds 1-bit weights whose
+    packed score matches the run's."""
     from conftest import run_dirs, run_train
 
     args = [
         "task=rte", f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", "quant=binary",
         "data.max_train_examples=64", "data.max_length=64", "trainer.max_epochs=1", "quantize.max_epochs=2",
-        "optim.lr=1e-3", "recipe.progressive=ternary", "recipe.progressive_epochs=1",
-        "recipe.latent_weight_decay=0", "export.other_dtype=float32", "export.hf=false",
+        "optim.lr=1e-3", *recipe_args, "export.other_dtype=float32", "export.hf=false",
     ]  # fmt: skip
     proc = run_train(args, tmp_path, glue_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -322,3 +331,38 @@ def test_binary_qk2_preset_keeps_query_and_key_ternary():
     assert rest == {
         k: v for k, v in OmegaConf.to_container(plain).items() if k not in ("name", "weight_by_target")
     }
+
+
+def test_fp32_student_teacher_is_the_student_before_quantization_layer_for_layer():
+    """recipe.teacher=fp32_student: a frozen copy of the reduced student, matched layer for layer.
+    Against it the unquantized student's attention and hidden losses are exactly 0 and the logits
+    loss is its minimum (against the task's teacher they are not), so after binarization the losses
+    measure only what quantization changed."""
+    from xtc_lightning.distill import distill_forward, distill_losses, enable_attention_scores
+    from xtc_lightning.stages import Models, quantize_teacher
+    from xtc_lightning.student import build_student
+
+    teacher = enable_attention_scores(tiny_classifier("bert", num_layers=4))
+    models = Models(teacher=teacher, student=build_student(teacher, [1, 3]), layers=[1, 3])
+    assert quantize_teacher(recipe(), models) == (teacher, [1, 3])
+    own, own_layers = quantize_teacher(recipe(teacher="fp32_student"), models)
+    assert own is not models.student and own_layers == [0, 1]
+
+    inputs = {"input_ids": torch.tensor([[2, 7, 9, 4, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}
+    weights = {"logits": 1.0, "attention": 1.0, "hidden": 1.0, "ground_truth": 0.0}
+
+    def losses(t, layers):
+        with torch.no_grad():
+            s_out, t_out = (distill_forward(m, inputs, True, True) for m in (models.student, t))
+        return distill_losses(s_out, t_out, inputs["attention_mask"], layers, weights)
+
+    same = losses(own, own_layers)
+    assert same["attention"].item() == 0 and same["hidden"].item() == 0
+    with torch.no_grad():  # soft cross-entropy against itself: the entropy of its own prediction
+        p = own(**inputs).logits.softmax(-1)
+    assert same["logits"].item() == pytest.approx(-(p * p.log()).sum(-1).mean().item(), rel=1e-5)
+    assert losses(teacher, [1, 3])["hidden"].item() > 0
+    apply_quantization(models.student, W1A8)
+    assert not any(isinstance(m, QuantLinear) for m in own.modules())  # the copy stays fp32
+    damage = losses(own, own_layers)
+    assert damage["attention"].item() > 0 and damage["hidden"].item() > 0

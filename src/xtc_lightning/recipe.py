@@ -13,6 +13,7 @@ the same state)::
     latent_weight_decay: 0.01   # AdamW decay of the quantized latent weights
     attention_scale: 1.0        # quantize stage: distill.weights.attention * this
     scale_gradient: false       # binary / ternary scales get a gradient too
+    teacher: teacher            # teacher | fp32_student: whom the quantize stage distils from
 
 ``progressive``
     ``none``     the configured weights from the first step (XTC).
@@ -33,6 +34,15 @@ the same state)::
     scales are learned from the loss. It is still ``mean|w|``: the forward, the state dict and
     the packed export are unchanged, only the backward differs.
 
+``teacher``
+    ``teacher``       the task's teacher, as in XTC's one-stage distillation: student layer ``i``
+                      learns from teacher layer ``layers[i]``.
+    ``fp32_student``  a frozen copy of the full-precision student the quantize stage starts
+                      from (after layer reduction, if any): student layer ``i`` learns from its
+                      own full-precision self, as TernaryBERT and BinaryBERT distil a quantized
+                      model from the same-depth model it was initialized from. At step 0 the
+                      losses measure only what quantization changed.
+
 Evaluation always uses the final form (``m = 1``, the configured method): every dev score,
 and so the best-on-dev checkpoint, is that of the model the export writes.
 """
@@ -48,6 +58,7 @@ from xtc_lightning.quant.config import QuantConfig, WeightSpec
 from xtc_lightning.quant.quantizers import SCALE_GRADIENT_METHODS
 
 PROGRESSIVE = ("none", "ramp", "ternary")
+TEACHERS = ("teacher", "fp32_student")
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,7 @@ class Recipe:
     latent_weight_decay: float = 0.01
     attention_scale: float = 1.0
     scale_gradient: bool = False
+    teacher: str = "teacher"
 
     @classmethod
     def from_dict(cls, d: Mapping, quant: QuantConfig, quantize_epochs: int) -> Recipe:
@@ -106,6 +118,9 @@ class Recipe:
                 f"recipe.scale_gradient=true needs binary or ternary weights (quant.weight.method="
                 f"{quant.weight.method})"
             )
+        teacher = d.get("teacher", cls.teacher)
+        if teacher not in TEACHERS:
+            raise UserError(f"recipe.teacher={teacher!r} is not accepted: {' | '.join(TEACHERS)}")
         return cls(
             name=name,
             progressive=progressive,
@@ -118,6 +133,7 @@ class Recipe:
                 d.get("attention_scale", cls.attention_scale), "recipe.attention_scale"
             ),
             scale_gradient=scale_grad,
+            teacher=teacher,
         )
 
     def progressive_steps(self, steps_per_epoch: float) -> int:

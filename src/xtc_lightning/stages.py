@@ -10,6 +10,7 @@ every stage reads: the config, the checked groups, the data, the run folder.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from xtc_lightning.augment import AugmentConfig
 from xtc_lightning.cache import cache_folder, from_cache, publish_to_cache, shaping_key
@@ -271,16 +273,23 @@ def given_teacher(ctx: RunContext) -> StageResult:
     )
 
 
-def distil(ctx: RunContext, stage: str, models: Models, recipe: Recipe | None = None) -> StageResult:
+def distil(
+    ctx: RunContext,
+    stage: str,
+    models: Models,
+    recipe: Recipe | None = None,
+    teacher: tuple[nn.Module, list[int]] | None = None,
+) -> StageResult:
     """Distil ``models.student`` from ``models.teacher`` (reduce: fp32; quantize: ``ctx.quant``
-    with ``recipe``)."""
+    with ``recipe``), or from ``teacher`` = (model, its layer of each student layer) if given."""
     cfg, student, layers = ctx.cfg, models.student, models.layers
     quant = ctx.quant if stage == "quantize" else None
+    teacher_model, teacher_layers = teacher or (models.teacher, layers)
     module = DistillModule(
-        models.teacher,
+        teacher_model,
         student,
         ctx.task.name,
-        layers,
+        teacher_layers,
         OmegaConf.to_container(cfg.distill, resolve=True),
         stage_optim(cfg, stage),
         cfg[stage].lr,
@@ -341,6 +350,15 @@ class ReduceStage(Stage):
         return publish_to_cache(cache, result, models.student, ctx.tokenizer)
 
 
+def quantize_teacher(recipe: Recipe, models: Models) -> tuple[nn.Module, list[int]]:
+    """Whom the quantize stage distils from (``recipe.teacher``), as (model, its layer of each
+    student layer): the task's teacher, or a frozen copy of the still full-precision student with
+    student layer ``i`` matched to its own layer ``i``. Call it before quantizing the student."""
+    if recipe.teacher == "fp32_student":
+        return copy.deepcopy(models.student), list(range(len(models.layers)))
+    return models.teacher, models.layers
+
+
 class QuantizeStage(Stage):
     """Step 2: quantize the student (``quant``) and distil it again with the low-bit ``recipe``."""
 
@@ -353,9 +371,10 @@ class QuantizeStage(Stage):
         cfg = ctx.cfg
         seed_stage(cfg, self.name, cfg.quantize.seed)
         ctx.datamodule.seed = cfg.quantize.seed  # its data order too
+        teacher = quantize_teacher(ctx.recipe, models)  # before the student is quantized
         apply_quantization(models.student, ctx.quant)
         log.info("quantized modules:\n%s", quantization_summary(models.student).text)
-        result = distil(ctx, self.name, models, ctx.recipe)
+        result = distil(ctx, self.name, models, ctx.recipe, teacher)
         models.quantized_here = True  # its best-on-dev weights, as weights.safetensors holds them
         return result
 
