@@ -99,6 +99,12 @@ VARIANTS.update({
     "l3_w1a8_qk2_latent_lr5": ["student=l3", "quant=binary_qk2", NO_DECAY, "recipe.latent_lr_scale=5"],
     # Distil the binary student from its own fp32 self, layer for layer (TernaryBERT / BinaryBERT).
     "l3_w1a8_self": [*W1A8_3L, "recipe.teacher=fp32_student"],
+    # The quantize lr sweep (Hydra multirun does the same: `-m quantize.lr=5e-4,1e-3,2e-3`).
+    "l3_w1a8_lr1e3": [*W1A8_3L, "quantize.lr=1e-3"],
+    "l3_w1a8_lr2e3": [*W1A8_3L, "quantize.lr=2e-3"],
+    "l3_w1a8_self_lr5e4": [*W1A8_3L, "recipe.teacher=fp32_student", "quantize.lr=5e-4"],
+    "l3_w1a8_qk2_lr5e4": ["student=l3", "quant=binary_qk2", "quantize.lr=5e-4"],
+    "l3_w1a8_lr5e4_nodecay": [*W1A8_3L, NO_DECAY, "quantize.lr=5e-4"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -130,6 +136,11 @@ LABELS = {
     "l3_w1a8_lr5e4": "3L W1A8, quantize lr 5e-4 (5x)",
     "l3_w1a8_qk2_latent_lr5": "3L W1A8 with ternary query and key, no latent decay, latent weights at 5x the lr",
     "l3_w1a8_self": "3L W1A8 distilled from the 3L fp32 student, layer for layer (recipe.teacher=fp32_student)",
+    "l3_w1a8_lr1e3": "3L W1A8, quantize lr 1e-3 (10x)",
+    "l3_w1a8_lr2e3": "3L W1A8, quantize lr 2e-3 (20x)",
+    "l3_w1a8_self_lr5e4": "3L W1A8 distilled from the 3L fp32 student, quantize lr 5e-4",
+    "l3_w1a8_qk2_lr5e4": "3L W1A8 with ternary query and key, quantize lr 5e-4",
+    "l3_w1a8_lr5e4_nodecay": "3L W1A8, quantize lr 5e-4, no latent decay",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {
