@@ -86,9 +86,9 @@ def test_one_point_of_each_sweep_runs_a_fast_dev_run(path, tmp_path, glue_dir, t
 
 
 def test_readme_sweep_commands(tmp_path, glue_dir, tiny_bert_dir):
-    """The README's four lines: the two local ones run as written (plus a tiny model, debug=fast,
+    """The README's five lines: the three local ones run as written (plus a tiny model, debug=fast,
     this venv and a two-point copy of the grid file); the two wandb ones name real files/projects."""
-    multirun, _, make, create, agent = readme_commands("## Running a sweep")  # optuna: below
+    multirun, quantize_lr, _, make, create, agent = readme_commands("## Running a sweep")  # optuna: below
     tiny = [f"model.name_or_path={tiny_bert_dir}", "debug=fast", "num_threads=2"]
     env = {**os.environ, "GLUE_DIR": str(glue_dir)}
 
@@ -103,6 +103,23 @@ def test_readme_sweep_commands(tmp_path, glue_dir, tiny_bert_dir):
         5e-5,
         1e-4,
     ]
+
+    # the quantize stage's lr alone: the teacher and the fp32 student train once, then come from the cache
+    assert quantize_lr[:4] == ["python", "train.py", "-m", "hparams_search=quantize_lr"]
+    root = tmp_path / "quantize_lr"
+    cmd = [sys.executable, *quantize_lr[1:], *tiny, "student.num_layers=1", f"paths.root_dir={root}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    points = [json.loads(p.read_text()) for p in root.glob("runs/debug/*/multirun-*/*/results.json")]
+    points.sort(key=lambda r: OmegaConf.load(Path(r["run_dir"]) / "config_resolved.yaml").quantize.lr)
+    assert [OmegaConf.load(Path(r["run_dir"]) / "config_resolved.yaml").quantize.lr for r in points] == [
+        1e-4,
+        5e-4,
+        1e-3,
+    ]
+    assert all(r["task"] == "stsb" and r["stages"]["quantize"]["bits"]["weights"] == 1 for r in points)
+    for stage in ("teacher", "reduce"):
+        assert sorted(bool(r["stages"][stage].get("cached")) for r in points) == [False, True, True]
 
     assert (
         make[:2] == ["make", "sweep"] and make[2] == "SWEEP=sweeps/grid.yaml" and make[3].startswith("ARGS=")
