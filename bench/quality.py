@@ -24,7 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from benchmarks_md import update_section  # bench/ is on sys.path when run as a script
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "quality"
@@ -213,6 +215,34 @@ def dev_by_epoch(run_dir: Path, steps: int) -> list[float]:
     return [float(r["val/score"]) for r in rows if 0 < int(r["step"]) < steps]
 
 
+def signs_changed(run_dir: Path, res: dict) -> float | None:
+    """The share of the encoder's linear weights (the six per layer, 2-D) whose sign differs
+    between the quantize stage's selected latent weights and the full-precision student it
+    started from: how far training moved the binary model. None without both files."""
+    reduce, quantize = res["stages"].get("reduce") or {}, res["stages"].get("quantize")
+    if quantize is None or not reduce.get("model_dir"):
+        return None
+    start = Path(reduce["model_dir"]) / "model.safetensors"
+    end = run_dir / "quantize" / "weights.safetensors"
+    if not start.is_file():
+        return None
+    if end.is_file():
+        latent = load_file(end)
+    else:  # runs recorded before weights.safetensors existed: the best checkpoint's student
+        checkpoints = sorted((run_dir / "quantize" / "checkpoints").glob("best*.ckpt"))
+        if not checkpoints:
+            return None
+        state = torch.load(checkpoints[-1], weights_only=True, map_location="cpu")["state_dict"]
+        latent = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+    fp32 = load_file(start)
+    changed = total = 0
+    for name, w in latent.items():
+        if "encoder.layer." in name and name.endswith(".weight") and w.dim() == 2:
+            changed += int((torch.sign(w) != torch.sign(fp32[name])).sum())
+            total += w.numel()
+    return changed / total if total else None
+
+
 def collect(glue_dir: str) -> dict:
     """Per task and variant: the mean over the seeds that ran (``score``, ``score_at_start``, wall
     time) and each seed's numbers (``runs``)."""
@@ -237,6 +267,7 @@ def collect(glue_dir: str) -> dict:
                     "train_examples": stage.get("train_examples", res["data"]["train_examples"]),
                     "file_bytes": (res.get("export") or {}).get("size", {}).get("file_bytes"),
                     "dev_by_epoch": dev_by_epoch(path.parent, stage.get("steps", 0)) if "quantize" in res["stages"] else [],
+                    "signs_changed": signs_changed(path.parent, res),
                 })  # fmt: skip
             if runs:
                 starts = [r["score_at_start"] for r in runs if r["score_at_start"] is not None]
@@ -246,6 +277,7 @@ def collect(glue_dir: str) -> dict:
                     "score_at_start": statistics.mean(starts) if starts else None,
                     "wall_time_s": statistics.mean(r["wall_time_s"] for r in runs),
                     "file_bytes": runs[0]["file_bytes"],
+                    "signs_changed": runs[0]["signs_changed"],  # seed 42's (or the first seed's)
                     "runs": runs,
                 }
         table[task] = row
@@ -334,8 +366,8 @@ SCREEN = [
 
 def render_screen(table: dict) -> str:
     lines = [
-        "| task | variant | dev score | right after quantization | vs 3L W1A8 | of the teacher | packed file |",
-        "|---|---|---|---|---|---|---|",
+        "| task | variant | dev score | right after quantization | vs 3L W1A8 | of the teacher | packed file | encoder signs changed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for task, row in table.items():
         plain, teacher = row.get("l3_w1a8"), row.get("teacher")
@@ -352,9 +384,10 @@ def render_screen(table: dict) -> str:
             delta = f"{100 * (r['score'] - plain['score']):+.1f}" if plain is not None and low_bit else ""
             kept = "" if teacher is None else fmt(r["score"] / teacher["score"], "%")
             size = "" if r["file_bytes"] is None else f"{r['file_bytes'] / 1e6:.2f} MB"
+            moved = "" if r["signs_changed"] is None else fmt(r["signs_changed"], "%")
             lines.append(
                 f"| {task} | {LABELS[v]} | {score} ({r['wall_time_s'] / 60:.0f} min) | "
-                f"{fmt(r['score_at_start'])} | {delta} | {kept} | {size} |"
+                f"{fmt(r['score_at_start'])} | {delta} | {kept} | {size} | {moved} |"
             )
     return "\n".join(lines)
 
