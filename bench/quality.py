@@ -106,6 +106,7 @@ VARIANTS.update({
     "l3_w1a8_lr2e3": [*W1A8_3L, "quantize.lr=2e-3"],
     "l3_w1a8_self_lr5e4": [*W1A8_3L, "recipe.teacher=fp32_student", "quantize.lr=5e-4"],
     "l3_w1a8_qk2_lr5e4": ["student=l3", "quant=binary_qk2", "quantize.lr=5e-4"],
+    "l3_w1a8_qk2_lr1e3": ["student=l3", "quant=binary_qk2", "quantize.lr=1e-3"],
     "l3_w1a8_lr5e4_nodecay": [*W1A8_3L, NO_DECAY, "quantize.lr=5e-4"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
@@ -142,6 +143,7 @@ LABELS = {
     "l3_w1a8_lr2e3": "3L W1A8, quantize lr 2e-3 (20x)",
     "l3_w1a8_self_lr5e4": "3L W1A8 distilled from the 3L fp32 student, quantize lr 5e-4",
     "l3_w1a8_qk2_lr5e4": "3L W1A8 with ternary query and key, quantize lr 5e-4",
+    "l3_w1a8_qk2_lr1e3": "3L W1A8 with ternary query and key, quantize lr 1e-3",
     "l3_w1a8_lr5e4_nodecay": "3L W1A8, quantize lr 5e-4, no latent decay",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
