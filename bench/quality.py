@@ -104,6 +104,7 @@ VARIANTS.update({
     # The quantize lr sweep (Hydra multirun does the same: `-m quantize.lr=5e-4,1e-3,2e-3`).
     "l3_w1a8_lr1e3": [*W1A8_3L, "quantize.lr=1e-3"],
     "l3_w1a8_lr2e3": [*W1A8_3L, "quantize.lr=2e-3"],
+    "l3_w1a8_lr4e3": [*W1A8_3L, "quantize.lr=4e-3"],
     "l3_w1a8_self_lr5e4": [*W1A8_3L, "recipe.teacher=fp32_student", "quantize.lr=5e-4"],
     "l3_w1a8_qk2_lr5e4": ["student=l3", "quant=binary_qk2", "quantize.lr=5e-4"],
     "l3_w1a8_qk2_lr1e3": ["student=l3", "quant=binary_qk2", "quantize.lr=1e-3"],
@@ -141,6 +142,7 @@ LABELS = {
     "l3_w1a8_self": "3L W1A8 distilled from the 3L fp32 student, layer for layer (recipe.teacher=fp32_student)",
     "l3_w1a8_lr1e3": "3L W1A8, quantize lr 1e-3 (10x)",
     "l3_w1a8_lr2e3": "3L W1A8, quantize lr 2e-3 (20x)",
+    "l3_w1a8_lr4e3": "3L W1A8, quantize lr 4e-3 (40x)",
     "l3_w1a8_self_lr5e4": "3L W1A8 distilled from the 3L fp32 student, quantize lr 5e-4",
     "l3_w1a8_qk2_lr5e4": "3L W1A8 with ternary query and key, quantize lr 5e-4",
     "l3_w1a8_qk2_lr1e3": "3L W1A8 with ternary query and key, quantize lr 1e-3",
