@@ -13,6 +13,7 @@ from sklearn.metrics import accuracy_score
 from conftest import compose_job_config, run_dirs, run_train
 from xtc_lightning import pipeline
 from xtc_lightning.cli import CONF_DIR
+from xtc_lightning.results import read_record
 from xtc_lightning.slim import load_weights
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -36,7 +37,7 @@ def test_full_pipeline_tiny_bert(tmp_path, glue_dir, tiny_bert_dir):
         rows = list(csv.DictReader((run / "logs" / stage / "metrics.csv").read_text().splitlines()))
         lrs = [float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")]
         assert len(lrs) == 2 and lrs[0] > 0, stage  # 64 examples / batch 32
-    results = json.loads((run / "results.json").read_text())
+    results = read_record(run / "results.json", run)
     stages = results["stages"]
     assert list(stages) == ["teacher", "reduce", "quantize"] and results["final_stage"] == "quantize"
     assert stages["teacher"]["num_layers"] == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,6 +16,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, compose_job_config, readme_commands, run_train, train_command
 from xtc_lightning.errors import UserError
+from xtc_lightning.results import read_record
 from xtc_lightning.resume import check_resume, resume_checkpoint
 from xtc_lightning.slim import load_weights
 
@@ -75,8 +75,8 @@ def test_sigkilled_run_resumes_and_ends_exactly_like_an_uninterrupted_one(tmp_pa
     assert "quantize: resuming from " in resumed.stdout
     assert "teacher epoch" not in resumed.stdout and "reduce epoch" not in resumed.stdout  # recorded: skipped
 
-    a = json.loads((straight_dir / "results.json").read_text())
-    b = json.loads((killed_dir / "results.json").read_text())
+    a = read_record(straight_dir / "results.json", straight_dir)
+    b = read_record(killed_dir / "results.json", killed_dir)
     assert b["stages"]["reduce"]["resumed_from"].endswith("reduce/checkpoints/last.ckpt")
     assert b["stages"]["quantize"]["resumed_from"].endswith("quantize/checkpoints/last.ckpt")
     for stage in ("teacher", "reduce", "quantize"):

@@ -17,6 +17,7 @@ from conftest import REPO, compose_job_config, readme_commands, train_command
 from xtc_lightning import pipeline
 from xtc_lightning.cli import check_group_overrides
 from xtc_lightning.errors import UserError
+from xtc_lightning.results import read_record
 from xtc_lightning.sweeps import grid_overrides
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -116,7 +117,7 @@ def test_readme_sweep_commands(tmp_path, glue_dir, tiny_bert_dir):
     cmd = [*make[:2], f"SWEEP={grid}", f"ARGS={args}", f"VENV={sys.prefix}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(p.read_text()) for p in root.glob("runs/debug/*/multirun-*/*/results.json")]
+    results = [read_record(p, p.parent) for p in root.glob("runs/debug/*/multirun-*/*/results.json")]
     assert sorted(r["task"] for r in results) == ["mrpc", "rte"]
     assert all(r["stages"]["quantize"]["bits"]["weights"] == 1 for r in results)
     assert all(

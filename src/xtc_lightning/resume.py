@@ -11,12 +11,12 @@ validation and every ``checkpoint.every_n_train_steps`` optimizer steps) or a ne
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from xtc_lightning.errors import UserError
+from xtc_lightning.results import read_record
 
 RESUME_CHOICES = ("auto", True, False)
 # Keys that may differ between the interrupted run and its continuation.
@@ -31,7 +31,7 @@ def stage_record_path(run_dir: Path, stage: str) -> Path:
 def finished_stage(run_dir: Path, stage: str) -> dict | None:
     """The recorded result of a stage this run folder already finished, or None."""
     path = stage_record_path(run_dir, stage)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_record(path, run_dir) if path.is_file() else None
 
 
 def resume_checkpoint(stage_dir: Path) -> Path | None:

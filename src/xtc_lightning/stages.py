@@ -37,7 +37,7 @@ from xtc_lightning.modules import ClassifierModule, DistillModule, GlueModule
 from xtc_lightning.predictions import write_predictions_tsv
 from xtc_lightning.quant import QuantConfig, apply_quantization, quantization_summary
 from xtc_lightning.recipe import Recipe
-from xtc_lightning.results import StageResult, read_json, write_json_atomic
+from xtc_lightning.results import StageResult, read_json, read_record, write_json_atomic, write_record
 from xtc_lightning.resume import finished_stage, resume_checkpoint, stage_record_path
 from xtc_lightning.slim import WEIGHTS_NAME, drop_resume_state, save_weights
 from xtc_lightning.student import build_student
@@ -175,7 +175,7 @@ def record_stage(run_dir: Path, result: StageResult) -> dict:
     if is_rank_zero():
         path = stage_record_path(run_dir, result.stage)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, record)
+        write_record(path, record, run_dir)
         freed = drop_resume_state(path.parent)  # finished: nothing resumes from them any more
         if freed:
             log.info("%s: finished, deleted %.0f MB of resume checkpoints", result.stage, freed / 1e6)
@@ -375,7 +375,7 @@ class ExportStage(Stage):
     def done(self, ctx: RunContext) -> dict | None:
         export_dir = ctx.run_dir / EXPORT_DIR
         if (export_dir / "export.json").is_file() and (export_dir / PACKED_NAME).is_file():
-            return read_json(export_dir / "export.json")  # exported before an interruption
+            return read_record(export_dir / "export.json", ctx.run_dir)  # exported before an interruption
         return None
 
     def run(self, ctx: RunContext, models: Models) -> dict:

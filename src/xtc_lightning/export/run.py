@@ -26,7 +26,6 @@ teacher or the reduce stage exports that stage's fp32 model folder. Written into
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -40,9 +39,8 @@ from xtc_lightning.export.hf_packed import WEIGHTS_NAME, export_hf_packed
 from xtc_lightning.export.packed import export_packed, tokenizer_dir
 from xtc_lightning.export.size import SizeReport
 from xtc_lightning.finite import check_finite_weights
-from xtc_lightning.io import write_text_atomic
 from xtc_lightning.quant import QuantConfig, apply_quantization, set_quantization_enabled, set_weight_form
-from xtc_lightning.results import RESULTS_FILE, read_json
+from xtc_lightning.results import RESULTS_FILE, read_record, write_record
 from xtc_lightning.resume import CONFIG_FILE
 from xtc_lightning.slim import load_weights
 from xtc_lightning.tasks import get_task
@@ -60,26 +58,10 @@ def read_run(run_dir: Path) -> tuple[dict, object]:
     for p in (results_path, config_path):
         if not p.is_file():
             raise UserError(f"{run_dir} is not a finished run folder: {p.name} is missing")
-    results = read_json(results_path)
+    results = read_record(results_path, run_dir)
     if not isinstance(results.get("stages"), dict) or not results["stages"]:
         raise UserError(f"{results_path}: no stages recorded")
     return results, OmegaConf.load(config_path)
-
-
-def in_run_folder(path: str | None, results: dict, run_dir: Path) -> Path | None:
-    """A path recorded in ``results.json``, read in the folder given rather than the one recorded:
-    relative paths are relative to ``run_dir``; absolute ones inside the folder the run was recorded
-    in (``results["run_dir"]``) are moved into ``run_dir``, so a copied or moved run folder never
-    reads the original's files. Paths outside it (the caches) stay as they are."""
-    if not path:
-        return None
-    p = Path(path)
-    if not p.is_absolute():
-        return run_dir / p
-    try:
-        return run_dir / p.relative_to(Path(results.get("run_dir") or run_dir))
-    except ValueError:
-        return p
 
 
 def _model_dir(results: dict, stage: str, path: Path) -> str:
@@ -101,7 +83,7 @@ def quantize_weights(run_dir: Path, results: dict) -> tuple[dict, str]:
     full-state checkpoint's ``student.*``."""
     stage = results["stages"]["quantize"]
     if stage.get("weights"):
-        path = in_run_folder(stage["weights"], results, run_dir)
+        path = Path(stage["weights"])
         if not path.is_file():
             raise UserError(f"{run_dir}: the quantize stage's weights {str(path)!r} are missing")
         try:
@@ -109,7 +91,8 @@ def quantize_weights(run_dir: Path, results: dict) -> tuple[dict, str]:
         except Exception as err:  # not a safetensors file
             raise UserError(f"{path}: cannot load the weights ({type(err).__name__})") from None
     checkpoints = stage.get("checkpoints") or {}
-    path = in_run_folder(checkpoints.get("best") or checkpoints.get("last"), results, run_dir)
+    recorded = checkpoints.get("best") or checkpoints.get("last")
+    path = Path(recorded) if recorded else None
     if not path or not path.is_file():
         raise UserError(f"{run_dir}: the quantize stage's checkpoint {str(path)!r} is missing")
     try:
@@ -280,7 +263,7 @@ def export_model(
         folder = export_hf_packed(packed_path, out_dir / "hf", card=card)
         summary["hf"] = str(folder)
         summary["hf_file_bytes"] = (folder / WEIGHTS_NAME).stat().st_size
-    write_text_atomic(out_dir / "export.json", json.dumps(summary, indent=2) + "\n")
+    write_record(out_dir / "export.json", summary, run_dir)
     return summary
 
 
