@@ -259,8 +259,9 @@ def packed_file(tmp_path) -> Path:
     return path
 
 
-def _rewrite(path: Path, out: Path, edit_tensors=None, edit_meta=None) -> Path:
-    """Copy a packed file through safetensors, editing its tensors / metadata (the digest is kept as is)."""
+def rewrite_packed(path: Path, out: Path, edit_tensors=None, edit_meta=None, resign: bool = False) -> Path:
+    """Copy a packed file through safetensors, editing its tensors / metadata. The digest is kept as
+    is, or with ``resign`` recomputed, as someone editing the file on purpose would."""
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -268,6 +269,8 @@ def _rewrite(path: Path, out: Path, edit_tensors=None, edit_meta=None) -> Path:
         edit_tensors(tensors)
     if edit_meta:
         edit_meta(meta)
+    if resign:
+        meta["sha256"] = packed_format._digest(meta, tensors)
     save_file(tensors, str(out), metadata=meta)
     return out
 
@@ -309,22 +312,26 @@ def test_modified_metadata_is_refused(packed_file, tmp_path):
 
 def test_missing_and_misshapen_tensors_are_refused(packed_file, tmp_path):
     name = "bert.encoder.layer.0.attention.self.query.weight:codes"
-    missing = _rewrite(packed_file, tmp_path / "missing.safetensors", lambda t: t.pop(name))
+    missing = rewrite_packed(packed_file, tmp_path / "missing.safetensors", lambda t: t.pop(name))
     _refused(missing, f"missing tensor '{name}'")
-    extra = _rewrite(packed_file, tmp_path / "extra.safetensors", lambda t: t.update(stray=torch.zeros(2)))
+    extra = rewrite_packed(
+        packed_file, tmp_path / "extra.safetensors", lambda t: t.update(stray=torch.zeros(2))
+    )
     _refused(extra, "unexpected tensor 'stray'")
 
     def reshape(t):
         t["classifier.weight"] = t["classifier.weight"][:, :-1].contiguous()
 
     _refused(
-        _rewrite(packed_file, tmp_path / "shape.safetensors", reshape),
+        rewrite_packed(packed_file, tmp_path / "shape.safetensors", reshape),
         r"tensor 'classifier.weight' is F16 \[2, 31\] but the manifest says F16 \[2, 32\]",
     )
 
 
 def test_unknown_version_and_foreign_files_are_refused(packed_file, tmp_path):
-    v2 = _rewrite(packed_file, tmp_path / "v2.safetensors", edit_meta=lambda m: m.update(format_version="2"))
+    v2 = rewrite_packed(
+        packed_file, tmp_path / "v2.safetensors", edit_meta=lambda m: m.update(format_version="2")
+    )
     _refused(v2, "packed format version '2' is not supported")
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(3)}, str(plain))

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from conftest import run_train
 from xtc_lightning.errors import UserError
@@ -96,22 +94,6 @@ def _packed(tmp_path: Path) -> Path:
     return path
 
 
-def resign(path: Path, out: Path, edit_tensors=None, edit_meta=None) -> Path:
-    """Edit a packed file and recompute its sha256, as someone editing it on purpose would."""
-    from xtc_lightning.export import format as packed_format
-
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_meta:
-        edit_meta(meta)
-    meta["sha256"] = packed_format._digest(meta, tensors)
-    save_file(tensors, str(out), metadata=meta)
-    return out
-
-
 def test_packed_writer_refuses_non_finite_tensors(tmp_path):
     from test_export import CONFIGS, tiny_model
     from xtc_lightning.export import export_packed
@@ -125,6 +107,7 @@ def test_packed_writer_refuses_non_finite_tensors(tmp_path):
 
 
 def test_packed_reader_refuses_non_finite_scales_even_with_a_valid_checksum(tmp_path):
+    from test_export import rewrite_packed
     from xtc_lightning.export import load_packed
 
     name = "bert.encoder.layer.0.attention.self.query.weight:scale"
@@ -133,7 +116,7 @@ def test_packed_reader_refuses_non_finite_scales_even_with_a_valid_checksum(tmp_
         tensors[name] = tensors[name].clone()
         tensors[name][0] = float("nan")
 
-    bad = resign(_packed(tmp_path), tmp_path / "nan.safetensors", edit_tensors=nan_scale)
+    bad = rewrite_packed(_packed(tmp_path), tmp_path / "nan.safetensors", edit_tensors=nan_scale, resign=True)
     with pytest.raises(
         UserError,
         match=r"'bert.encoder.layer.0.attention.self.query.weight' has non-finite scales \(NaN/inf\)",
@@ -450,9 +433,10 @@ def _edit_json(meta: dict, key: str, edit) -> None:
     ids=["task-labels", "unknown-task", "activation-bits-16", "activation-bits-disagree"],
 )
 def test_re_signed_impossible_metadata_is_refused(tmp_path, edit, message):
+    from test_export import rewrite_packed
     from xtc_lightning.export import load_packed
 
-    bad = resign(_packed(tmp_path), tmp_path / "edited.safetensors", edit_meta=edit)
+    bad = rewrite_packed(_packed(tmp_path), tmp_path / "edited.safetensors", edit_meta=edit, resign=True)
     with pytest.raises(UserError, match=message) as err:
         load_packed(bad)
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
