@@ -147,26 +147,26 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_CONFIGS, ids=[b[0][0] for b in BAD_CONFIGS])
-def test_bad_config_values_are_refused_by_check_config(tmp_path, tiny_bert_dir, overrides, message):
+def test_bad_config_values_are_refused_by_run_config(tmp_path, tiny_bert_dir, overrides, message):
     from conftest import compose_job_config
-    from xtc_lightning.config import check_config
+    from xtc_lightning.config import run_config
 
     cfg, _ = compose_job_config(
         ["task=rte", f"model.name_or_path={tiny_bert_dir}", *overrides], tmp_path / "run"
     )
     with pytest.raises(UserError, match=message) as err:
-        check_config(cfg)
+        run_config(cfg)
     assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("preset", ["quickstart", "xtc_l6_w1a8"])
-def test_presets_and_defaults_pass_check_config(tmp_path, tiny_bert12_dir, preset):
+def test_presets_and_defaults_pass_run_config(tmp_path, tiny_bert12_dir, preset):
     from conftest import compose_job_config
-    from xtc_lightning.config import check_config
+    from xtc_lightning.config import run_config
 
     for overrides in ([], [f"experiment={preset}", f"model.name_or_path={tiny_bert12_dir}"]):
         cfg, _ = compose_job_config(overrides, tmp_path / "run")
-        check_config(cfg)
+        run_config(cfg)
 
 
 def test_bad_student_is_refused_before_the_teacher_trains(tmp_path, glue_dir, tiny_bert_dir):
@@ -332,7 +332,7 @@ def test_model_types_without_padding_or_classifier_head_are_refused(tmp_path, ti
     from transformers import GPT2Config, ViTConfig
 
     from conftest import compose_job_config
-    from xtc_lightning.config import check_config
+    from xtc_lightning.config import run_config
 
     GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100).save_pretrained(tmp_path / "gpt2")
     ViTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2).save_pretrained(tmp_path / "vit")
@@ -342,7 +342,7 @@ def test_model_types_without_padding_or_classifier_head_are_refused(tmp_path, ti
     ):
         cfg, _ = compose_job_config([f"model.name_or_path={tmp_path / name}"], tmp_path / "run")
         with pytest.raises(UserError, match=message):
-            check_config(cfg)
+            run_config(cfg)
 
 
 def test_read_only_run_folder_is_one_line(tmp_path, monkeypatch):

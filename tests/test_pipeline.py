@@ -15,6 +15,7 @@ from xtc_lightning import pipeline
 from xtc_lightning.cli import CONF_DIR
 from xtc_lightning.results import read_record
 from xtc_lightning.slim import load_weights
+from xtc_lightning.tasks import get_task
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -135,7 +136,7 @@ def test_teacher_stays_frozen_and_only_the_selected_student_weights_stay(tmp_pat
     assert "bert.encoder.layer.0.attention.self.query.weight" in state and "classifier.weight" in state
     assert not [k for k in state if k.startswith("teacher.") or ".layer.1." in k]  # the 1-layer student
     # the cached teacher on disk is untouched by the student stages
-    reloaded = load_classifier(cfg.model, pipeline.get_task("rte"), name_or_path=teacher_dir)
+    reloaded = load_classifier(cfg.model, get_task("rte"), name_or_path=teacher_dir)
     student_first_query = state["bert.encoder.layer.0.attention.self.query.weight"]
     teacher_layer1_query = reloaded.state_dict()["bert.encoder.layer.1.attention.self.query.weight"]
     assert not torch.equal(student_first_query, teacher_layer1_query)  # the student trained (lr 1e-2)
