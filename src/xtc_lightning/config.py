@@ -247,7 +247,11 @@ class DataConfig:
         _positive_int("data.max_length", d["max_length"])
         _text("data.dir", d["dir"], allow_none=True)
         _text("data.hub_dataset", d["hub_dataset"])
-        _positive_int("data.max_train_examples", d["max_train_examples"], allow_none=True)
+        subset = d["max_train_examples"]  # <= 0 is refused by data.py, which says why
+        if not (subset is None or _is_int(subset)):
+            raise UserError(
+                f"data.max_train_examples={subset!r} is not accepted: expected an integer or null"
+            )
         if not _is_int(d["num_workers"]) or d["num_workers"] < 0:
             raise UserError(
                 f"data.num_workers={d['num_workers']!r} is not accepted: expected an integer >= 0"
