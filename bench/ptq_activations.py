@@ -14,25 +14,16 @@ Prints JSON; the quality section of BENCHMARKS.md quotes it.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
-import sys
-from pathlib import Path
 
 import torch
+from fp32_student import load_student, student_arguments  # also puts src/ on sys.path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
-
-from xtc_lightning.export.evaluate import dev_data, metrics_of, predict  # noqa: E402
-from xtc_lightning.modules import model_inputs  # noqa: E402
-from xtc_lightning.quant import apply_quantization  # noqa: E402
-from xtc_lightning.quant.config import QuantConfig  # noqa: E402
-from xtc_lightning.tasks import get_task  # noqa: E402
+from xtc_lightning.export.evaluate import metrics_of, predict
+from xtc_lightning.modules import model_inputs
+from xtc_lightning.quant import apply_quantization
+from xtc_lightning.quant.config import QuantConfig
 
 
 def activation_only(method: str) -> QuantConfig:
@@ -67,23 +58,8 @@ def input_peakedness(model: torch.nn.Module, batch: dict) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", default="mrpc")
-    ap.add_argument("--model-dir", help="an HF folder; default: the quality run's 3L fp32 student")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model_dir = args.model_dir
-    if model_dir is None:
-        results = REPO / "bench" / "out" / "quality" / args.task / "l3_fp32" / "results.json"
-        if not results.is_file():
-            raise SystemExit(f"no --model-dir and no quality run at {results}: run bench/quality.py first")
-        model_dir = json.loads(results.read_text())["stages"]["reduce"]["model_dir"]
-    glue_dir = os.environ.get("GLUE_DIR") or str(REPO.parent / "shared" / "data" / "glue")
-    task = get_task(args.task)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dm = dev_data(task, tokenizer, glue_dir, max_length=128, batch_size=64)
-    base = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
+    args = student_arguments(__doc__.splitlines()[0], task="mrpc")
+    model_dir, task, dm, base = load_student(args.task, args.model_dir)
     scores = {}
     for name, cfg in [("fp32", None), ("A8 symmetric", activation_only("symmetric")), ("A8 asymmetric", activation_only("asymmetric"))]:  # fmt: skip
         model = copy.deepcopy(base)

@@ -89,5 +89,5 @@ def test_a_logger_list_composes_both_loggers(tmp_path):
 
     cfg, _ = compose_resolved(["logger=[csv,wandb]"], tmp_path)
     assert list(cfg.logger) == ["csv", "wandb"]
-    loggers = stage_loggers(cfg, "teacher", tmp_path)
+    loggers = stage_loggers(OmegaConf.to_container(cfg.logger), "teacher", tmp_path)
     assert [type(lg).__name__ for lg in loggers] == ["CSVLogger", "WandbLogger"]

@@ -88,9 +88,10 @@ def test_the_frozen_teacher_is_outside_ddp(tiny_bert_dir):
     from xtc_lightning.models import load_classifier
     from xtc_lightning.modules import DistillModule
     from xtc_lightning.student import build_student
+    from xtc_lightning.tasks import get_task
 
     cfg, _ = compose_job_config(["task=rte", f"model.name_or_path={tiny_bert_dir}"], Path("/tmp/unused"))
-    teacher = enable_attention_scores(load_classifier(cfg.model, pipeline.get_task("rte")))
+    teacher = enable_attention_scores(load_classifier(cfg.model, get_task("rte")))
     student = build_student(teacher, [1])
     module = DistillModule(teacher, student, "rte", [1], dict(cfg.distill), dict(cfg.optim), 1e-3)
     ignored = set(module._ddp_params_and_buffers_to_ignore)

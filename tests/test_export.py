@@ -41,6 +41,7 @@ from xtc_lightning.quant import (
     set_quantization_enabled,
     weight_codes,
 )
+from xtc_lightning.results import read_record
 
 VOCAB = 300
 
@@ -258,8 +259,9 @@ def packed_file(tmp_path) -> Path:
     return path
 
 
-def _rewrite(path: Path, out: Path, edit_tensors=None, edit_meta=None) -> Path:
-    """Copy a packed file through safetensors, editing its tensors / metadata (the digest is kept as is)."""
+def rewrite_packed(path: Path, out: Path, edit_tensors=None, edit_meta=None, resign: bool = False) -> Path:
+    """Copy a packed file through safetensors, editing its tensors / metadata. The digest is kept as
+    is, or with ``resign`` recomputed, as someone editing the file on purpose would."""
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -267,6 +269,8 @@ def _rewrite(path: Path, out: Path, edit_tensors=None, edit_meta=None) -> Path:
         edit_tensors(tensors)
     if edit_meta:
         edit_meta(meta)
+    if resign:
+        meta["sha256"] = packed_format._digest(meta, tensors)
     save_file(tensors, str(out), metadata=meta)
     return out
 
@@ -308,22 +312,26 @@ def test_modified_metadata_is_refused(packed_file, tmp_path):
 
 def test_missing_and_misshapen_tensors_are_refused(packed_file, tmp_path):
     name = "bert.encoder.layer.0.attention.self.query.weight:codes"
-    missing = _rewrite(packed_file, tmp_path / "missing.safetensors", lambda t: t.pop(name))
+    missing = rewrite_packed(packed_file, tmp_path / "missing.safetensors", lambda t: t.pop(name))
     _refused(missing, f"missing tensor '{name}'")
-    extra = _rewrite(packed_file, tmp_path / "extra.safetensors", lambda t: t.update(stray=torch.zeros(2)))
+    extra = rewrite_packed(
+        packed_file, tmp_path / "extra.safetensors", lambda t: t.update(stray=torch.zeros(2))
+    )
     _refused(extra, "unexpected tensor 'stray'")
 
     def reshape(t):
         t["classifier.weight"] = t["classifier.weight"][:, :-1].contiguous()
 
     _refused(
-        _rewrite(packed_file, tmp_path / "shape.safetensors", reshape),
+        rewrite_packed(packed_file, tmp_path / "shape.safetensors", reshape),
         r"tensor 'classifier.weight' is F16 \[2, 31\] but the manifest says F16 \[2, 32\]",
     )
 
 
 def test_unknown_version_and_foreign_files_are_refused(packed_file, tmp_path):
-    v2 = _rewrite(packed_file, tmp_path / "v2.safetensors", edit_meta=lambda m: m.update(format_version="2"))
+    v2 = rewrite_packed(
+        packed_file, tmp_path / "v2.safetensors", edit_meta=lambda m: m.update(format_version="2")
+    )
     _refused(v2, "packed format version '2' is not supported")
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(3)}, str(plain))
@@ -519,7 +527,7 @@ def test_the_pipeline_exports_from_memory_what_xtc_export_rebuilds(finished_run)
     summary = export_run(finished_run)  # the run's settings: float16, hf/, evaluated on dev
     packed = (in_memory / "model.safetensors").read_bytes()
     assert packed == Path(summary["packed"]).read_bytes()
-    assert json.loads((in_memory / "export.json").read_text()) == summary
+    assert read_record(in_memory / "export.json", finished_run) == summary
     assert summary["source"] == str(finished_run / "quantize" / "weights.safetensors")
     assert (in_memory / "hf" / "model.safetensors").read_bytes() == (
         finished_run / "export" / "hf" / "model.safetensors"
@@ -531,10 +539,10 @@ def test_export_run_reproduces_the_run_dev_metrics(finished_run, glue_dir):
     from xtc_lightning.export.run import read_run, rebuild_final_model
 
     summary = export_run(finished_run, other_dtype="float32")
-    results = json.loads((finished_run / "results.json").read_text())
+    results = read_record(finished_run / "results.json", finished_run)
     packed = Path(summary["packed"])
     assert packed == finished_run / "export" / "model.safetensors" and packed.is_file()
-    assert json.loads((finished_run / "export" / "export.json").read_text()) == summary
+    assert read_record(finished_run / "export" / "export.json", finished_run) == summary
     assert summary["dev"]["score"] == results["score"] and summary["dev"]["score_difference"] == 0
     assert summary["dev"]["splits"] == results["metrics"]
     assert summary["size"]["teacher_bytes"] > summary["size"]["file_bytes"]
@@ -663,7 +671,7 @@ def test_export_cli_onnx_agrees_with_the_packed_model_on_dev(finished_run, glue_
         [str(finished_run), "--no-hf", "--onnx", "--other-dtype", "float32", "--data-dir", str(glue_dir)]
     )
     out = capsys.readouterr().out
-    summary = json.loads((finished_run / "export" / "export.json").read_text())
+    summary = read_record(finished_run / "export" / "export.json", finished_run)
     agree = summary["onnx"]["dev"]
     assert Path(summary["onnx"]["path"]) == finished_run / "export" / "model.onnx"
     assert agree["examples"] == 277 and agree["agreement"] >= 0.995 and agree["max_abs_logit_diff"] < 1e-3
@@ -785,6 +793,30 @@ def test_export_reads_the_folder_it_is_given_not_the_recorded_one(tmp_path, fini
     ):
         export_run(copy, hf=False, evaluate=False)
     assert not (copy / "export").exists()
+
+
+def test_a_copied_run_folder_exports_reports_and_resumes_from_itself(tmp_path, finished_run):
+    """results.json records the run's files relative to the run folder (the caches, outside it,
+    stay absolute): a copy elsewhere reads its own files in ``xtc export``, ``xtc report`` and a resume."""
+    from xtc_lightning.report import collect
+    from xtc_lightning.resume import finished_stage
+
+    recorded = json.loads((finished_run / "results.json").read_text())
+    assert recorded["run_dir"] == "." and recorded["predictions"] == {"dev": "predictions_dev.tsv"}
+    assert recorded["stages"]["quantize"]["weights"] == "quantize/weights.safetensors"
+    assert recorded["export"]["packed"] == "export/model.safetensors"
+    assert Path(recorded["stages"]["reduce"]["model_dir"]).is_absolute()  # in the cache
+    copy = tmp_path / "elsewhere" / "run"
+    shutil.copytree(finished_run, copy)
+    assert finished_stage(copy, "quantize")["weights"] == str(copy / "quantize" / "weights.safetensors")
+    summary = export_run(copy, hf=False, other_dtype="float32")
+    assert summary["source"] == str(copy / "quantize" / "weights.safetensors")
+    assert summary["packed"] == str(copy / "export" / "model.safetensors")
+    assert json.loads((copy / "export" / "export.json").read_text())["packed"] == "export/model.safetensors"
+    assert summary["dev"]["score"] == recorded["score"]
+    points, skipped, _ = collect([copy])
+    (student,) = [p for p in points if not p.teacher]
+    assert not skipped and student.run_dir == str(copy) and student.size_exact
 
 
 def test_export_run_of_an_fp32_final_stage(tmp_path, finished_run):

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from conftest import run_train
 from xtc_lightning.errors import UserError
@@ -96,22 +94,6 @@ def _packed(tmp_path: Path) -> Path:
     return path
 
 
-def resign(path: Path, out: Path, edit_tensors=None, edit_meta=None) -> Path:
-    """Edit a packed file and recompute its sha256, as someone editing it on purpose would."""
-    from xtc_lightning.export import format as packed_format
-
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_meta:
-        edit_meta(meta)
-    meta["sha256"] = packed_format._digest(meta, tensors)
-    save_file(tensors, str(out), metadata=meta)
-    return out
-
-
 def test_packed_writer_refuses_non_finite_tensors(tmp_path):
     from test_export import CONFIGS, tiny_model
     from xtc_lightning.export import export_packed
@@ -125,6 +107,7 @@ def test_packed_writer_refuses_non_finite_tensors(tmp_path):
 
 
 def test_packed_reader_refuses_non_finite_scales_even_with_a_valid_checksum(tmp_path):
+    from test_export import rewrite_packed
     from xtc_lightning.export import load_packed
 
     name = "bert.encoder.layer.0.attention.self.query.weight:scale"
@@ -133,7 +116,7 @@ def test_packed_reader_refuses_non_finite_scales_even_with_a_valid_checksum(tmp_
         tensors[name] = tensors[name].clone()
         tensors[name][0] = float("nan")
 
-    bad = resign(_packed(tmp_path), tmp_path / "nan.safetensors", edit_tensors=nan_scale)
+    bad = rewrite_packed(_packed(tmp_path), tmp_path / "nan.safetensors", edit_tensors=nan_scale, resign=True)
     with pytest.raises(
         UserError,
         match=r"'bert.encoder.layer.0.attention.self.query.weight' has non-finite scales \(NaN/inf\)",
@@ -164,26 +147,26 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_CONFIGS, ids=[b[0][0] for b in BAD_CONFIGS])
-def test_bad_config_values_are_refused_by_check_config(tmp_path, tiny_bert_dir, overrides, message):
+def test_bad_config_values_are_refused_by_run_config(tmp_path, tiny_bert_dir, overrides, message):
     from conftest import compose_job_config
-    from xtc_lightning.config import check_config
+    from xtc_lightning.config import run_config
 
     cfg, _ = compose_job_config(
         ["task=rte", f"model.name_or_path={tiny_bert_dir}", *overrides], tmp_path / "run"
     )
     with pytest.raises(UserError, match=message) as err:
-        check_config(cfg)
+        run_config(cfg)
     assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("preset", ["quickstart", "xtc_l6_w1a8"])
-def test_presets_and_defaults_pass_check_config(tmp_path, tiny_bert12_dir, preset):
+def test_presets_and_defaults_pass_run_config(tmp_path, tiny_bert12_dir, preset):
     from conftest import compose_job_config
-    from xtc_lightning.config import check_config
+    from xtc_lightning.config import run_config
 
     for overrides in ([], [f"experiment={preset}", f"model.name_or_path={tiny_bert12_dir}"]):
         cfg, _ = compose_job_config(overrides, tmp_path / "run")
-        check_config(cfg)
+        run_config(cfg)
 
 
 def test_bad_student_is_refused_before_the_teacher_trains(tmp_path, glue_dir, tiny_bert_dir):
@@ -349,7 +332,7 @@ def test_model_types_without_padding_or_classifier_head_are_refused(tmp_path, ti
     from transformers import GPT2Config, ViTConfig
 
     from conftest import compose_job_config
-    from xtc_lightning.config import check_config
+    from xtc_lightning.config import run_config
 
     GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100).save_pretrained(tmp_path / "gpt2")
     ViTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2).save_pretrained(tmp_path / "vit")
@@ -359,7 +342,7 @@ def test_model_types_without_padding_or_classifier_head_are_refused(tmp_path, ti
     ):
         cfg, _ = compose_job_config([f"model.name_or_path={tmp_path / name}"], tmp_path / "run")
         with pytest.raises(UserError, match=message):
-            check_config(cfg)
+            run_config(cfg)
 
 
 def test_read_only_run_folder_is_one_line(tmp_path, monkeypatch):
@@ -450,9 +433,10 @@ def _edit_json(meta: dict, key: str, edit) -> None:
     ids=["task-labels", "unknown-task", "activation-bits-16", "activation-bits-disagree"],
 )
 def test_re_signed_impossible_metadata_is_refused(tmp_path, edit, message):
+    from test_export import rewrite_packed
     from xtc_lightning.export import load_packed
 
-    bad = resign(_packed(tmp_path), tmp_path / "edited.safetensors", edit_meta=edit)
+    bad = rewrite_packed(_packed(tmp_path), tmp_path / "edited.safetensors", edit_meta=edit, resign=True)
     with pytest.raises(UserError, match=message) as err:
         load_packed(bad)
     assert str(bad) in str(err.value) and "\n" not in str(err.value)

@@ -13,7 +13,9 @@ from sklearn.metrics import accuracy_score
 from conftest import compose_job_config, run_dirs, run_train
 from xtc_lightning import pipeline
 from xtc_lightning.cli import CONF_DIR
+from xtc_lightning.results import read_record
 from xtc_lightning.slim import load_weights
+from xtc_lightning.tasks import get_task
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -36,7 +38,7 @@ def test_full_pipeline_tiny_bert(tmp_path, glue_dir, tiny_bert_dir):
         rows = list(csv.DictReader((run / "logs" / stage / "metrics.csv").read_text().splitlines()))
         lrs = [float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")]
         assert len(lrs) == 2 and lrs[0] > 0, stage  # 64 examples / batch 32
-    results = json.loads((run / "results.json").read_text())
+    results = read_record(run / "results.json", run)
     stages = results["stages"]
     assert list(stages) == ["teacher", "reduce", "quantize"] and results["final_stage"] == "quantize"
     assert stages["teacher"]["num_layers"] == 2
@@ -134,7 +136,7 @@ def test_teacher_stays_frozen_and_only_the_selected_student_weights_stay(tmp_pat
     assert "bert.encoder.layer.0.attention.self.query.weight" in state and "classifier.weight" in state
     assert not [k for k in state if k.startswith("teacher.") or ".layer.1." in k]  # the 1-layer student
     # the cached teacher on disk is untouched by the student stages
-    reloaded = load_classifier(cfg.model, pipeline.get_task("rte"), name_or_path=teacher_dir)
+    reloaded = load_classifier(cfg.model, get_task("rte"), name_or_path=teacher_dir)
     student_first_query = state["bert.encoder.layer.0.attention.self.query.weight"]
     teacher_layer1_query = reloaded.state_dict()["bert.encoder.layer.1.attention.self.query.weight"]
     assert not torch.equal(student_first_query, teacher_layer1_query)  # the student trained (lr 1e-2)

@@ -277,20 +277,19 @@ def test_bad_mixed_precision_fails_in_one_line(by_target, message):
     assert message in str(err.value)
 
 
-def test_quantize_stage_has_its_own_warmup():
+def test_quantize_stage_has_its_own_warmup(tmp_path):
     """quantize.warmup_epochs reaches the quantize stage's scheduler only (DeepSpeed's 1-bit budget
     warms up 1 of 18 epochs); the other stages keep optim.warmup_epochs, so their caches stay valid."""
-    from omegaconf import OmegaConf
+    from conftest import compose_job_config
+    from xtc_lightning.config import run_config
 
-    from xtc_lightning.stages import stage_optim
-
-    cfg = OmegaConf.create({"optim": {"lr": 5e-5, "warmup_epochs": 0.1}, "quantize": {"warmup_epochs": 1.0}})
-    assert stage_optim(cfg, "quantize") == {"lr": 5e-5, "warmup_epochs": 1.0}
-    assert stage_optim(cfg, "reduce") == {"lr": 5e-5, "warmup_epochs": 0.1}
-    default = OmegaConf.create(
-        {"optim": {"warmup_epochs": 0.1}, "quantize": {"warmup_epochs": "${optim.warmup_epochs}"}}
-    )
-    assert stage_optim(default, "quantize")["warmup_epochs"] == 0.1
+    cfg, _ = compose_job_config(["optim.warmup_epochs=0.1", "quantize.warmup_epochs=1.0"], tmp_path / "run")
+    config = run_config(cfg)
+    assert config.stage_optim("quantize") == {**config.optim.as_dict(), "warmup_epochs": 1.0}
+    assert config.stage_optim("reduce") == config.optim.as_dict()
+    assert config.optim.as_dict()["warmup_epochs"] == 0.1
+    default, _ = compose_job_config(["optim.warmup_epochs=0.1"], tmp_path / "run")  # the YAML default
+    assert run_config(default).stage_optim("quantize")["warmup_epochs"] == 0.1
 
 
 @pytest.mark.parametrize("quant", ["binary", "ternary"])

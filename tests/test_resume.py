@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,6 +16,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, compose_job_config, readme_commands, run_train, train_command
 from xtc_lightning.errors import UserError
+from xtc_lightning.results import read_record
 from xtc_lightning.resume import check_resume, resume_checkpoint
 from xtc_lightning.slim import load_weights
 
@@ -75,8 +75,8 @@ def test_sigkilled_run_resumes_and_ends_exactly_like_an_uninterrupted_one(tmp_pa
     assert "quantize: resuming from " in resumed.stdout
     assert "teacher epoch" not in resumed.stdout and "reduce epoch" not in resumed.stdout  # recorded: skipped
 
-    a = json.loads((straight_dir / "results.json").read_text())
-    b = json.loads((killed_dir / "results.json").read_text())
+    a = read_record(straight_dir / "results.json", straight_dir)
+    b = read_record(killed_dir / "results.json", killed_dir)
     assert b["stages"]["reduce"]["resumed_from"].endswith("reduce/checkpoints/last.ckpt")
     assert b["stages"]["quantize"]["resumed_from"].endswith("quantize/checkpoints/last.ckpt")
     for stage in ("teacher", "reduce", "quantize"):
@@ -99,22 +99,28 @@ def _cfg(tmp_path, *overrides):
     return cfg
 
 
+def _check(tmp_path, run_dir, *overrides) -> bool:
+    """``check_resume`` as the pipeline calls it: the run's ``resume`` and its resolved config."""
+    cfg = _cfg(tmp_path, *overrides)
+    return check_resume(cfg.resume, OmegaConf.to_container(cfg, resolve=True), run_dir)
+
+
 def test_resume_modes(tmp_path):
     run_dir = tmp_path / "run"
-    assert check_resume(_cfg(tmp_path), run_dir) is False  # nothing there: a fresh start
+    assert _check(tmp_path, run_dir) is False  # nothing there: a fresh start
     with pytest.raises(
         UserError, match=r"resume=true but run folder .* holds no finished stage or checkpoint"
     ):
-        check_resume(_cfg(tmp_path, "resume=true"), run_dir)
+        _check(tmp_path, run_dir, "resume=true")
     (run_dir / "teacher" / "checkpoints").mkdir(parents=True)
     (run_dir / "teacher" / "checkpoints" / "last.ckpt").write_bytes(b"x")
     OmegaConf.save(_cfg(tmp_path), run_dir / "config_resolved.yaml", resolve=True)
-    assert check_resume(_cfg(tmp_path), run_dir) is True
-    assert check_resume(_cfg(tmp_path, "resume=true", "progress=bar", "num_threads=1"), run_dir) is True
+    assert _check(tmp_path, run_dir) is True
+    assert _check(tmp_path, run_dir, "resume=true", "progress=bar", "num_threads=1") is True
     with pytest.raises(UserError, match=r"already holds a run \(resume=false\); resume=auto continues it"):
-        check_resume(_cfg(tmp_path, "resume=false"), run_dir)
+        _check(tmp_path, run_dir, "resume=false")
     with pytest.raises(UserError, match=r"was started with another config: optim.lr=5e-05->0.001"):
-        check_resume(_cfg(tmp_path, "optim.lr=1e-3"), run_dir)
+        _check(tmp_path, run_dir, "optim.lr=1e-3")
 
 
 def test_the_newest_checkpoint_wins_including_slurm_requeue_ones(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from omegaconf import OmegaConf
 
@@ -15,7 +16,7 @@ from xtc_lightning.stages import Models, RunContext, Stage, run_stage
 def shaping_cfg():
     return OmegaConf.create(
         {
-            "task": {"name": "rte"},
+            "task": "rte",
             "model": {"name_or_path": "bert-base-uncased", "attn_implementation": "eager", "pooler": True},
             "data": {"max_length": 128, "batch_size": 32, "eval_batch_size": 64},
             "optim": {"lr": 5e-5, "weight_decay": 0.01, "warmup_epochs": 0.1},
@@ -34,10 +35,13 @@ def test_cache_keys_are_the_ones_computed_before_the_stage_split():
     """Pinned with pipeline.shaping_key before it moved to cache.py: cached teachers and reduced
     students of earlier runs stay valid. A change here retrains every cached model."""
     cfg = shaping_cfg()
-    assert shaping_key(cfg, "fp123", teacher={"max_epochs": 3, "lr": 2e-5}) == "7095037a883d5a4b"
+    assert (
+        shaping_key(OmegaConf.to_container(cfg), "fp123", teacher={"max_epochs": 3, "lr": 2e-5})
+        == "7095037a883d5a4b"
+    )
     reduce = {"max_epochs": 3, "lr": 1e-4}
     key = shaping_key(
-        cfg,
+        OmegaConf.to_container(cfg),
         "fp123",
         from_teacher="/c/teachers/rte-x/model",
         layers=[1, 3],
@@ -46,9 +50,15 @@ def test_cache_keys_are_the_ones_computed_before_the_stage_split():
     )
     assert key == "9c15cc1488ea976d"
     cfg.trainer.log_every_n_steps = 1  # logging only: same model, same key
-    assert shaping_key(cfg, "fp123", teacher={"max_epochs": 3, "lr": 2e-5}) == "7095037a883d5a4b"
+    assert (
+        shaping_key(OmegaConf.to_container(cfg), "fp123", teacher={"max_epochs": 3, "lr": 2e-5})
+        == "7095037a883d5a4b"
+    )
     cfg.seed = 1
-    assert shaping_key(cfg, "fp123", teacher={"max_epochs": 3, "lr": 2e-5}) != "7095037a883d5a4b"
+    assert (
+        shaping_key(OmegaConf.to_container(cfg), "fp123", teacher={"max_epochs": 3, "lr": 2e-5})
+        != "7095037a883d5a4b"
+    )
 
 
 def test_stage_result_writes_unset_fields_nowhere_and_keeps_unknown_ones():
@@ -97,9 +107,7 @@ class Recording(Stage):
 
 
 def test_run_stage_asks_needed_done_run_record_in_that_order(tmp_path: Path):
-    ctx = RunContext(
-        OmegaConf.create({"stage": "quantize"}), None, None, None, None, None, None, tmp_path, tmp_path
-    )
+    ctx = RunContext(SimpleNamespace(stage="quantize"), None, None, tmp_path)
     assert run_stage(Recording(needed=False), ctx, Models()) is None
     assert not (tmp_path / "reduce").exists()
     stage = Recording(needed=True)

@@ -17,6 +17,7 @@ from conftest import REPO, compose_job_config, readme_commands, train_command
 from xtc_lightning import pipeline
 from xtc_lightning.cli import check_group_overrides
 from xtc_lightning.errors import UserError
+from xtc_lightning.results import read_record
 from xtc_lightning.sweeps import grid_overrides
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -110,13 +111,10 @@ def test_readme_sweep_commands(tmp_path, glue_dir, tiny_bert_dir):
     cmd = [sys.executable, *quantize_lr[1:], *tiny, "student.num_layers=1", f"paths.root_dir={root}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    points = [json.loads(p.read_text()) for p in root.glob("runs/debug/*/multirun-*/*/results.json")]
-    points.sort(key=lambda r: OmegaConf.load(Path(r["run_dir"]) / "config_resolved.yaml").quantize.lr)
-    assert [OmegaConf.load(Path(r["run_dir"]) / "config_resolved.yaml").quantize.lr for r in points] == [
-        1e-4,
-        5e-4,
-        1e-3,
-    ]
+    paths = list(root.glob("runs/debug/*/multirun-*/*/results.json"))
+    points = [read_record(p, p.parent) for p in paths]
+    lrs = [OmegaConf.load(p.parent / "config_resolved.yaml").quantize.lr for p in paths]
+    assert sorted(lrs) == [1e-4, 5e-4, 1e-3]
     assert all(r["task"] == "stsb" and r["stages"]["quantize"]["bits"]["weights"] == 1 for r in points)
     for stage in ("teacher", "reduce"):
         assert sorted(bool(r["stages"][stage].get("cached")) for r in points) == [False, True, True]
@@ -133,7 +131,7 @@ def test_readme_sweep_commands(tmp_path, glue_dir, tiny_bert_dir):
     cmd = [*make[:2], f"SWEEP={grid}", f"ARGS={args}", f"VENV={sys.prefix}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(p.read_text()) for p in root.glob("runs/debug/*/multirun-*/*/results.json")]
+    results = [read_record(p, p.parent) for p in root.glob("runs/debug/*/multirun-*/*/results.json")]
     assert sorted(r["task"] for r in results) == ["mrpc", "rte"]
     assert all(r["stages"]["quantize"]["bits"]["weights"] == 1 for r in results)
     assert all(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score
 
 from conftest import run_dirs, run_train
+from xtc_lightning.results import read_record
 
 
 def read_predictions(path: str) -> tuple[list[int], list[float], list[float]]:
@@ -38,7 +38,7 @@ def test_teacher_stage_on_real_mrpc_with_tiny_bert(tmp_path, glue_dir, tiny_bert
     proc = run_train(args, tmp_path, glue_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = run_dirs(tmp_path)
-    results = json.loads((run / "results.json").read_text())
+    results = read_record(run / "results.json", run)
     assert results["task"] == "mrpc" and results["data"] == {
         "train_examples": 96,
         "dev_examples": 408,
@@ -71,7 +71,7 @@ def test_teacher_stage_on_real_mrpc_with_tiny_bert(tmp_path, glue_dir, tiny_bert
     # A second run with the same settings reuses the cached teacher and reports the same numbers.
     proc = run_train(args, tmp_path, glue_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    second = json.loads((run_dirs(tmp_path)[-1] / "results.json").read_text())
+    second = read_record(run_dirs(tmp_path)[-1] / "results.json", run_dirs(tmp_path)[-1])
     assert second["run_dir"] != results["run_dir"]
     assert second["stages"]["teacher"]["cached"] is True
     assert second["metrics"] == results["metrics"]
@@ -93,7 +93,7 @@ def test_teacher_stage_regression_stsb(tmp_path, glue_dir, tiny_bert_dir):
         glue_dir,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dirs(tmp_path)[0] / "results.json").read_text())
+    results = read_record(run_dirs(tmp_path)[0] / "results.json", run_dirs(tmp_path)[0])
     _, preds, labels = read_predictions(results["predictions"]["dev"])
     assert len(preds) == 150  # limit_val_batches=3 x 50
     assert results["metrics"]["dev"]["pearson"] == pytest.approx(pearsonr(preds, labels)[0], abs=1e-4)
@@ -116,7 +116,7 @@ def test_a_few_steps_with_the_real_minilm(tmp_path, glue_dir):
         glue_dir,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run_dirs(tmp_path)[0] / "results.json").read_text())
+    results = read_record(run_dirs(tmp_path)[0] / "results.json", run_dirs(tmp_path)[0])
     teacher = results["stages"]["teacher"]
     assert teacher["num_layers"] == 6 and 22_000_000 < teacher["params"]["total"] < 23_000_000
     assert 0.0 <= results["score"] <= 1.0

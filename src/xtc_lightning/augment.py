@@ -45,9 +45,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from xtc_lightning.config import check_exact_keys
 from xtc_lightning.data import Examples, GlueDataModule, tokenizer_fingerprint
-from xtc_lightning.errors import UserError
+from xtc_lightning.errors import UserError, check_exact_keys
 from xtc_lightning.io import atomic_path
 from xtc_lightning.tasks import TASKS, GlueTask
 

@@ -12,9 +12,8 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-
-from omegaconf import DictConfig, OmegaConf
 
 from xtc_lightning.distributed import barrier, is_rank_zero
 from xtc_lightning.finite import check_finite_weights
@@ -27,18 +26,19 @@ log = logging.getLogger("xtc_lightning")
 NOT_SHAPING = {"log_every_n_steps", "num_sanity_val_steps"}
 
 
-def shaping_key(cfg: DictConfig, train_fingerprint: str, **stage: object) -> str:
-    """Hash of everything that shapes a stage's model; a change in any of it trains a new one."""
+def shaping_key(run: Mapping, train_fingerprint: str, **stage: object) -> str:
+    """Hash of everything that shapes a stage's model; a change in any of it trains a new one.
+
+    ``run``: the run's part, ``{task, model, data, optim, trainer, seed}`` as plain values
+    (``config.RunConfig.shaping``); ``stage``: the stage's own (its budget, its teacher...)."""
     shaping = {
-        "task": cfg.task.name,
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "data": {k: cfg.data[k] for k in ("max_length", "batch_size")},
+        "task": run["task"],
+        "model": run["model"],
+        "data": {k: run["data"][k] for k in ("max_length", "batch_size")},
         "train": train_fingerprint,
-        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
-        "trainer": {
-            k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in NOT_SHAPING
-        },
-        "seed": cfg.seed,
+        "optim": run["optim"],
+        "trainer": {k: v for k, v in run["trainer"].items() if k not in NOT_SHAPING},
+        "seed": run["seed"],
         **stage,
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]

@@ -165,34 +165,24 @@ class RngState(L.Callback):
 
 class FiniteLoss(L.Callback):
     """Stop the stage with a one-line ``UserError`` at the first optimizer step whose loss is not
-    finite, naming the stage, the step and every logged ``train/*`` loss that is NaN or inf.
+    finite, naming the stage, the step and every ``train/*`` loss that is NaN or inf.
 
-    Runs before the checkpoint callbacks (Lightning orders ``Checkpoint`` subclasses last), so the
-    diverged weights are never saved. The decision uses the logged values, which are averaged over
-    the processes: every rank of a DDP run stops at the same step.
+    The losses are the ones ``training_step`` returns under their logged names
+    (``modules.log_train_losses``), averaged over the processes as their logged values are: every
+    rank of a DDP run stops at the same step. Runs before the checkpoint callbacks (Lightning orders
+    ``Checkpoint`` subclasses last), so the diverged weights are never saved.
     """
 
     def __init__(self, stage: str):
         self.stage = stage
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        losses = _step_losses(trainer)
-        if not losses and isinstance(outputs, dict) and "loss" in outputs:
-            losses = {"train/loss": float(outputs["loss"])}
-        bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+        losses = {k: v for k, v in outputs.items() if k.startswith("train/")}
+        means = trainer.strategy.reduce(torch.stack(list(losses.values())).float(), reduce_op="mean")
+        bad = {k: float(v) for k, v in zip(losses, means, strict=True) if not math.isfinite(float(v))}
         if bad:
             shown = ", ".join(f"{name}={value}" for name, value in bad.items())
             raise UserError(
                 f"{self.stage}: the loss went non-finite at step {trainer.global_step} "
                 f"(epoch {trainer.current_epoch}): {shown}; lower {self.stage}.lr or check the data"
             )
-
-
-def _step_losses(trainer) -> dict[str, float]:
-    """This step's logged ``train/*`` values (``callback_metrics`` is refreshed only after the
-    ``on_train_batch_end`` hooks, so it would still hold the previous step's)."""
-    try:
-        metrics = trainer._logger_connector.metrics["callback"]
-    except (AttributeError, AssertionError, KeyError):
-        metrics = {}
-    return {k: float(v) for k, v in metrics.items() if k.startswith("train/") and not k.endswith("_epoch")}

@@ -1,35 +1,40 @@
-"""The run config checked as a whole before any work: one ``UserError`` line for the first bad value.
+"""The typed run config: built from the composed Hydra config once, at startup, every key checked.
 
-``check_config(cfg)`` runs at the start of ``pipeline.run``, before the run folder is touched.
-Each section has its own small check (``CHECKS``); a new setting gets its check here, next to the
-others, so that no value is first looked at hours into a run. Checks read files (the teacher's
-``config.json``) but never load weights or write anything.
+``run_config(cfg)`` runs at the start of ``pipeline.run``, before the run folder is touched: it
+reads every group of the composed ``DictConfig`` into a frozen dataclass (``RunConfig`` holds one
+per group), checking each value as it goes; the first bad value raises one ``UserError`` line.
+Everything below the pipeline receives these objects, never the ``DictConfig``. A new setting is
+read and checked here, next to the others, so that no value is first looked at hours into a run.
+The checks read files (the teacher's ``config.json``) but never load weights or write anything.
+
+Values are kept as given (an ``int`` learning rate stays an ``int``): the cache keys hash them
+(``RunConfig.shaping``), and cached models of earlier runs must keep their keys.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from xtc_lightning.errors import UserError
+from xtc_lightning.augment import AugmentConfig, check_masked_lm
+from xtc_lightning.distill import check_distill_config
+from xtc_lightning.errors import UserError, check_exact_keys
+from xtc_lightning.export.format import STORED_DTYPES
+from xtc_lightning.quant import QuantConfig
+from xtc_lightning.recipe import Recipe
 from xtc_lightning.resume import RESUME_CHOICES
+from xtc_lightning.tasks import GlueTask, get_task
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # the configs shipped in the package (a link in a clone)
 STAGES = ("teacher", "reduce", "quantize", "export")
 PROGRESS = ("auto", "bar", "plain")
 TRAINED_STAGES = ("teacher", "reduce", "quantize")
-
-
-def check_exact_keys(group: Mapping, keys: Sequence[str], what: str) -> None:
-    """A config group must have exactly ``keys``: else one ``UserError`` line naming ``what``, the
-    unknown and the missing keys (both sorted) and the expected ones (in ``keys``' order)."""
-    unknown = sorted(set(group) - set(keys))
-    missing = sorted(set(keys) - set(group))
-    if unknown or missing:
-        raise UserError(f"{what}: unknown keys {unknown} / missing keys {missing}; expected {list(keys)}")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
 def _is_int(x) -> bool:
@@ -50,7 +55,7 @@ def default_schema(conf_dir: Path = CONF_DIR) -> dict[str, object]:
     return schema
 
 
-def check_known_keys(cfg: DictConfig, schema: Mapping[str, object] | None = None) -> None:
+def check_known_keys(cfg: Mapping, schema: Mapping[str, object] | None = None) -> None:
     """No key that nothing reads (``+unknown_key=1``, ``+data.batchsize=8``): it would be ignored."""
     schema = default_schema() if schema is None else schema
     for key in cfg:
@@ -67,9 +72,13 @@ def check_known_keys(cfg: DictConfig, schema: Mapping[str, object] | None = None
                 )
 
 
-def _positive_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise UserError(f"{name}={value!r} is not accepted: expected a number > 0")
+def _number(name: str, value, *, or_zero: bool = False, unit: str = "") -> None:
+    """A number (not a bool) > 0, or >= 0 with ``or_zero``."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float)
+    if not ok or not (value >= 0 if or_zero else value > 0):
+        raise UserError(
+            f"{name}={value!r} is not accepted: expected a number {'>=' if or_zero else '>'} 0{unit}"
+        )
 
 
 def _positive_int(name: str, value, *, allow_none: bool = False) -> None:
@@ -80,37 +89,304 @@ def _positive_int(name: str, value, *, allow_none: bool = False) -> None:
         raise UserError(f"{name}={value!r} is not accepted: expected an integer >= 1{more}")
 
 
-def check_run_keys(cfg: DictConfig) -> None:
-    """``stage``, ``progress``, ``seed``, ``resume``."""
-    if cfg.stage not in STAGES:
-        raise UserError(f"unknown stage '{cfg.stage}'; choose one of: {', '.join(STAGES)}")
-    if cfg.progress not in PROGRESS:
-        raise UserError(f"progress={cfg.progress!r} is not accepted; choose one of: {', '.join(PROGRESS)}")
-    if not _is_int(cfg.seed):
-        raise UserError(f"seed={cfg.seed!r} is not accepted: expected an integer")
-    if cfg.resume not in RESUME_CHOICES:
-        raise UserError(f"resume '{cfg.resume}' is not accepted; choose one of: auto, true, false")
+def _integer(name: str, value) -> None:
+    if not _is_int(value):
+        raise UserError(f"{name}={value!r} is not accepted: expected an integer")
 
 
-def check_optimization(cfg: DictConfig) -> None:
-    """Learning rates (``optim.lr`` and each stage's ``lr``) and batch sizes / lengths."""
-    _positive_number("optim.lr", cfg.optim.lr)
-    for stage in TRAINED_STAGES:
-        _positive_number(f"{stage}.lr", cfg[stage].lr)
-    for name, value in (
-        ("optim.warmup_epochs", cfg.optim.warmup_epochs),
-        ("quantize.warmup_epochs", cfg.quantize.warmup_epochs),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-            raise UserError(f"{name}={value!r} is not accepted: expected a number >= 0 (epochs)")
-    if not _is_int(cfg.quantize.seed):
-        raise UserError(f"quantize.seed={cfg.quantize.seed!r} is not accepted: expected an integer")
-    _positive_int("data.batch_size", cfg.data.batch_size)
-    _positive_int("data.eval_batch_size", cfg.data.eval_batch_size)
-    _positive_int("data.max_length", cfg.data.max_length)
+def _flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise UserError(f"{name}={value!r} is not accepted: expected true or false")
 
 
-def model_config(cfg: DictConfig):
+def _text(name: str, value, *, allow_none: bool = False) -> None:
+    if not ((isinstance(value, str) and value) or (value is None and allow_none)):
+        raise UserError(
+            f"{name}={value!r} is not accepted: expected a non-empty string{' or null' if allow_none else ''}"
+        )
+
+
+def _group(group, name: str, keys: Sequence[str]) -> Mapping:
+    """A config group with exactly ``keys``."""
+    if not isinstance(group, Mapping):
+        raise UserError(f"{name} must be a mapping with keys {list(keys)}, got {group!r}")
+    check_exact_keys(group, keys, name)
+    return group
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``model``: the backbone the teacher is fine-tuned from (an HF folder or hub id;
+    ``package:minilm`` is the bundled MiniLM)."""
+
+    name_or_path: str
+    trust_remote_code: bool
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ModelConfig:
+        d = _group(d, "model", ("name_or_path", "trust_remote_code"))
+        _text("model.name_or_path", d["name_or_path"])
+        _flag("model.trust_remote_code", d["trust_remote_code"])
+        return cls(d["name_or_path"], d["trust_remote_code"])
+
+    def as_dict(self) -> dict:
+        return {"name_or_path": self.name_or_path, "trust_remote_code": self.trust_remote_code}
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """``student``: the teacher layers the student keeps (``layers`` or ``num_layers``, or neither:
+    all of them); ``select`` checks them against the teacher's depth (``student.layers_from_config``)."""
+
+    name: str
+    layers: tuple[int, ...] | None
+    num_layers: int | None
+
+    def select(self, teacher_layers: int) -> list[int]:
+        from xtc_lightning.student import layers_from_config
+
+        layers = None if self.layers is None else list(self.layers)
+        return layers_from_config(
+            {"name": self.name, "layers": layers, "num_layers": self.num_layers}, teacher_layers
+        )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """``optim``: AdamW with linear warm-up (``warmup_epochs``) and linear decay."""
+
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    betas: tuple[float, float]
+    eps: float
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> OptimConfig:
+        d = _group(d, "optim", ("lr", "weight_decay", "warmup_epochs", "betas", "eps"))
+        _number("optim.lr", d["lr"])
+        _number("optim.weight_decay", d["weight_decay"], or_zero=True)
+        _number("optim.warmup_epochs", d["warmup_epochs"], or_zero=True, unit=" (epochs)")
+        betas = d["betas"]
+        if (
+            not isinstance(betas, Sequence)
+            or len(betas) != 2
+            or not all(not isinstance(b, bool) and isinstance(b, int | float) and 0 <= b < 1 for b in betas)
+        ):
+            raise UserError(f"optim.betas={betas!r} is not accepted: expected two numbers in [0, 1)")
+        _number("optim.eps", d["eps"])
+        return cls(d["lr"], d["weight_decay"], d["warmup_epochs"], tuple(betas), d["eps"])
+
+    def as_dict(self, warmup_epochs: float | None = None) -> dict:
+        """The plain dict the modules and the cache key take (``warmup_epochs`` replaced if given)."""
+        return {
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "warmup_epochs": self.warmup_epochs if warmup_epochs is None else warmup_epochs,
+            "betas": list(self.betas),
+            "eps": self.eps,
+        }
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """A trained stage's budget: ``teacher``, ``reduce``, ``quantize`` (defaults: ``trainer.max_epochs``,
+    ``optim.lr``). ``checkpoint``: teacher only (an already fine-tuned HF folder, only evaluated);
+    ``warmup_epochs`` and ``seed``: quantize only (its own warm-up; it alone is seeded by it)."""
+
+    max_epochs: int
+    lr: float
+    checkpoint: str | None = None
+    warmup_epochs: float | None = None
+    seed: int | None = None
+
+    @classmethod
+    def from_dict(cls, stage: str, d: Mapping) -> StageConfig:
+        own = {"teacher": ("checkpoint",), "reduce": (), "quantize": ("warmup_epochs", "seed")}[stage]
+        d = _group(d, stage, ("max_epochs", "lr", *own))
+        _integer(f"{stage}.max_epochs", d["max_epochs"])
+        _number(f"{stage}.lr", d["lr"])
+        if stage == "teacher":
+            _text("teacher.checkpoint", d["checkpoint"], allow_none=True)
+        if stage == "quantize":
+            _number("quantize.warmup_epochs", d["warmup_epochs"], or_zero=True, unit=" (epochs)")
+            _integer("quantize.seed", d["seed"])
+        return cls(**d)
+
+    def budget(self) -> dict:
+        """``{max_epochs, lr}``: the part of the cache key this stage adds."""
+        return {"max_epochs": self.max_epochs, "lr": self.lr}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``data``: where GLUE comes from, lengths and batch sizes (per process)."""
+
+    dir: str | None
+    hub_dataset: str
+    max_length: int
+    batch_size: int
+    eval_batch_size: int
+    max_train_examples: int | None
+    num_workers: int
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> DataConfig:
+        keys = (
+            "dir",
+            "hub_dataset",
+            "max_length",
+            "batch_size",
+            "eval_batch_size",
+            "max_train_examples",
+            "num_workers",
+        )
+        d = _group(d, "data", keys)
+        _positive_int("data.batch_size", d["batch_size"])
+        _positive_int("data.eval_batch_size", d["eval_batch_size"])
+        _positive_int("data.max_length", d["max_length"])
+        _text("data.dir", d["dir"], allow_none=True)
+        _text("data.hub_dataset", d["hub_dataset"])
+        subset = d["max_train_examples"]  # <= 0 is refused by data.py, which says why
+        if not (subset is None or _is_int(subset)):
+            raise UserError(
+                f"data.max_train_examples={subset!r} is not accepted: expected an integer or null"
+            )
+        if not _is_int(d["num_workers"]) or d["num_workers"] < 0:
+            raise UserError(
+                f"data.num_workers={d['num_workers']!r} is not accepted: expected an integer >= 0"
+            )
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``export``: the packed file's other dtype and what else is written (``export/run.py``)."""
+
+    other_dtype: str
+    hf: bool
+    hf_dequantized: bool
+    evaluate: bool
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ExportConfig:
+        d = _group(d, "export", ("other_dtype", "hf", "hf_dequantized", "evaluate"))
+        if d["other_dtype"] not in STORED_DTYPES:
+            raise UserError(
+                f"export.other_dtype '{d['other_dtype']}' is not accepted; choose one of: {', '.join(STORED_DTYPES)}"
+            )
+        for key in ("hf", "hf_dequantized", "evaluate"):
+            _flag(f"export.{key}", d[key])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """``trainer``: ``lightning.Trainer`` arguments, passed through as given (``max_epochs`` is each
+    stage's own); ``precision`` and a ddp launch are checked here."""
+
+    arguments: Mapping
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> TrainerConfig:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not isinstance(d, Mapping):
+            raise UserError(f"trainer must be a mapping of lightning.Trainer arguments, got {d!r}")
+        if d.get("precision") not in PRECISIONS:
+            raise UserError(
+                f"trainer.precision '{d.get('precision')}' is not accepted; choose one of: {', '.join(PRECISIONS)}"
+            )
+        launched_outside = any(v in os.environ for v in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
+        spawns = str(d.get("strategy", "auto")).startswith("ddp") and not launched_outside
+        if spawns and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise UserError(
+                "a ddp trainer cannot start its processes inside a local multirun (-m); "
+                "run the sweep through hydra/launcher=slurm, or one run per command"
+            )
+        return cls(dict(d))
+
+    def limits(self) -> dict:
+        """The settings that cut a run short (``fast_dev_run``, ``limit_*_batches``): a run with any of
+        them is ``limited`` and its scores are not results (``xtc-report`` skips it)."""
+        limits = {}
+        for key, value in self.arguments.items():
+            whole = value is None or (isinstance(value, float) and value == 1.0)  # int 1 is one batch
+            if (key == "fast_dev_run" and value) or (key.startswith("limit_") and not whole):
+                limits[key] = value
+        return limits
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run, checked: the top-level keys and one object per config group.
+
+    ``loggers`` is the ``logger`` group (``hydra.utils.instantiate`` targets), ``resolved`` the whole
+    config as plain values (``config_resolved.yaml``: the resume check, wandb, the model card)."""
+
+    stage: str
+    seed: int
+    num_threads: int | None
+    progress: str
+    resume: object  # auto | True | False
+    checkpoint_every_n_train_steps: int | None
+    task: GlueTask
+    model: ModelConfig
+    student: StudentConfig
+    quant: QuantConfig
+    distill: Mapping  # checked by distill.check_distill_config, kept as given (a cache key part)
+    recipe: Recipe
+    augment: AugmentConfig
+    optim: OptimConfig
+    teacher: StageConfig
+    reduce: StageConfig
+    quantize: StageConfig
+    trainer: TrainerConfig
+    data: DataConfig
+    export: ExportConfig
+    output_dir: Path
+    cache_dir: Path
+    loggers: Mapping
+    resolved: Mapping
+
+    def stage_config(self, stage: str) -> StageConfig:
+        return {"teacher": self.teacher, "reduce": self.reduce, "quantize": self.quantize}[stage]
+
+    def stage_optim(self, stage: str) -> dict:
+        """A trained stage's optimizer settings: ``optim``, with the quantize stage's own warm-up."""
+        return self.optim.as_dict(self.quantize.warmup_epochs if stage == "quantize" else None)
+
+    @property
+    def shaping(self) -> dict:
+        """What shapes every model the run trains, as ``cache.shaping_key`` hashes it."""
+        return {
+            "task": self.task.name,
+            "model": self.model.as_dict(),
+            "data": {"max_length": self.data.max_length, "batch_size": self.data.batch_size},
+            "optim": self.optim.as_dict(),
+            "trainer": dict(self.trainer.arguments),
+            "seed": self.seed,
+        }
+
+
+def _check_run_keys(c: Mapping) -> None:
+    """``stage``, ``progress``, ``seed``, ``resume``, ``num_threads``, ``checkpoint``."""
+    if c["stage"] not in STAGES:
+        raise UserError(f"unknown stage '{c['stage']}'; choose one of: {', '.join(STAGES)}")
+    if c["progress"] not in PROGRESS:
+        raise UserError(f"progress={c['progress']!r} is not accepted; choose one of: {', '.join(PROGRESS)}")
+    if not _is_int(c["seed"]):
+        raise UserError(f"seed={c['seed']!r} is not accepted: expected an integer")
+    if c["resume"] not in RESUME_CHOICES:
+        raise UserError(f"resume '{c['resume']}' is not accepted; choose one of: auto, true, false")
+    _positive_int("num_threads", c["num_threads"], allow_none=True)
+    every = _group(c["checkpoint"], "checkpoint", ("every_n_train_steps",))["every_n_train_steps"]
+    if every is not None and (not _is_int(every) or every < 1):
+        raise UserError(f"checkpoint.every_n_train_steps must be a positive integer or null, not {every!r}")
+
+
+def model_config(model: ModelConfig, checkpoint: str | None):
     """The HF config of the model the run starts from (``teacher.checkpoint`` or ``model``), read
     from its ``config.json`` without loading weights; None when it cannot be read here (a hub id
     not in the local cache, a missing folder: reported when the model is loaded)."""
@@ -118,34 +394,19 @@ def model_config(cfg: DictConfig):
 
     from xtc_lightning.models import resolve_name_or_path
 
-    source = cfg.teacher.checkpoint or resolve_name_or_path(cfg.model.name_or_path)
+    source = checkpoint or resolve_name_or_path(model.name_or_path)
     try:
         return AutoConfig.from_pretrained(
-            str(source), local_files_only=True, trust_remote_code=cfg.model.trust_remote_code
+            str(source), local_files_only=True, trust_remote_code=model.trust_remote_code
         )
     except Exception:  # noqa: BLE001 -- any unreadable source is reported when it is loaded
         return None
 
 
-def teacher_depth(cfg: DictConfig) -> int | None:
-    """The teacher's number of encoder layers from its ``config.json``, or None (see ``model_config``)."""
-    from xtc_lightning.models import num_layers_of
-
-    config = model_config(cfg)
-    try:
-        return None if config is None else num_layers_of(config)
-    except UserError:
-        return None
-
-
-def check_model_type(cfg: DictConfig) -> None:
+def _check_model_type(config, name: str) -> None:
     """The model type has a sequence-classification head and a padding token (batches are padded)."""
     from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-    config = model_config(cfg)
-    if config is None:
-        return
-    name = cfg.teacher.checkpoint or cfg.model.name_or_path
     if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
         raise UserError(
             f"model '{name}' is a '{config.model_type}' model, which has no sequence-classification head "
@@ -158,31 +419,74 @@ def check_model_type(cfg: DictConfig) -> None:
         )
 
 
-def check_student(cfg: DictConfig) -> None:
-    """``student.layers`` / ``num_layers`` against the teacher's depth (when a student is built)."""
-    if cfg.stage == "teacher":
-        return
+def _student(d: Mapping, stage: str, teacher_config) -> StudentConfig:
+    """``student``, its layers checked against the teacher's depth when a student is built (an
+    unknown depth still refuses empty, duplicate, negative and zero-count selections)."""
+    from xtc_lightning.models import num_layers_of
     from xtc_lightning.student import layers_from_config
 
-    depth = teacher_depth(cfg)
-    student = OmegaConf.to_container(cfg.student, resolve=True)
-    # Unknown depth: still refuse empty, duplicate, negative and zero-count selections.
-    layers_from_config(student, depth if depth is not None else 10**6)
+    if stage != "teacher":
+        try:
+            depth = None if teacher_config is None else num_layers_of(teacher_config)
+        except UserError:
+            depth = None
+        layers_from_config(d, depth if depth is not None else 10**6)
+    layers = d.get("layers")
+    return StudentConfig(d.get("name"), None if layers is None else tuple(layers), d.get("num_layers"))
 
 
-CHECKS: tuple[Callable[[DictConfig], None], ...] = (
-    check_known_keys,
-    check_run_keys,
-    check_optimization,
-    check_model_type,
-    check_student,
-)
+def run_config(cfg: DictConfig) -> RunConfig:
+    """The composed config read into a ``RunConfig``, every value checked, in this order; the first
+    bad value raises a one-line ``UserError``."""
+    from xtc_lightning.models import check_model_source
 
-
-def check_config(cfg: DictConfig) -> None:
-    """Every check of ``CHECKS`` in order; the first bad value raises a one-line ``UserError``."""
-    for check in CHECKS:
-        check(cfg)
+    check_known_keys(cfg)
+    c = OmegaConf.to_container(cfg, resolve=True)
+    _check_run_keys(c)
+    optim = OptimConfig.from_dict(c["optim"])
+    stages = {stage: StageConfig.from_dict(stage, c[stage]) for stage in TRAINED_STAGES}
+    data = DataConfig.from_dict(c["data"])
+    model = ModelConfig.from_dict(c["model"])
+    teacher_config = model_config(model, stages["teacher"].checkpoint)
+    if teacher_config is not None:
+        _check_model_type(teacher_config, stages["teacher"].checkpoint or model.name_or_path)
+    student = _student(c["student"], c["stage"], teacher_config)
+    task = get_task((c.get("task") or {}).get("name"))
+    quant = QuantConfig.from_dict(c["quant"])
+    recipe = Recipe.from_dict(c["recipe"], quant, stages["quantize"].max_epochs)
+    check_distill_config(c["distill"])
+    check_model_source(model.name_or_path)
+    augment = AugmentConfig.from_dict(c["augment"])
+    if augment.method == "mlm" and augment.applies_to(task.name) and c["stage"] != "teacher":
+        check_masked_lm(augment.mlm_model)  # now, not after an hour of teacher training
+    export = ExportConfig.from_dict(c["export"])
+    trainer = TrainerConfig.from_dict(c["trainer"])
+    return RunConfig(
+        stage=c["stage"],
+        seed=c["seed"],
+        num_threads=c["num_threads"],
+        progress=c["progress"],
+        resume=c["resume"],
+        checkpoint_every_n_train_steps=c["checkpoint"]["every_n_train_steps"],
+        task=task,
+        model=model,
+        student=student,
+        quant=quant,
+        distill=c["distill"],
+        recipe=recipe,
+        augment=augment,
+        optim=optim,
+        teacher=stages["teacher"],
+        reduce=stages["reduce"],
+        quantize=stages["quantize"],
+        trainer=trainer,
+        data=data,
+        export=export,
+        output_dir=Path(c["paths"]["output_dir"]).resolve(),
+        cache_dir=Path(c["paths"]["cache_dir"]).resolve(),
+        loggers=c.get("logger") or {},
+        resolved=c,
+    )
 
 
 def stage_seed(seed: int, stage: str) -> int:

@@ -35,8 +35,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from xtc_lightning.config import check_exact_keys
-from xtc_lightning.errors import UserError
+from xtc_lightning.errors import UserError, check_exact_keys
 from xtc_lightning.student import layer_map
 
 SCORES_IMPLEMENTATION = "xtc_scores"

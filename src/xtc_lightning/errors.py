@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn, TypeVar
 
 F = TypeVar("F", bound=Callable)
@@ -17,6 +17,15 @@ F = TypeVar("F", bound=Callable)
 
 class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit code 2."""
+
+
+def check_exact_keys(group: Mapping, keys: Sequence[str], what: str) -> None:
+    """A config group must have exactly ``keys``: else one ``UserError`` line naming ``what``, the
+    unknown and the missing keys (both sorted) and the expected ones (in ``keys``' order)."""
+    unknown = sorted(set(group) - set(keys))
+    missing = sorted(set(keys) - set(group))
+    if unknown or missing:
+        raise UserError(f"{what}: unknown keys {unknown} / missing keys {missing}; expected {list(keys)}")
 
 
 def exit_user_error(err: UserError) -> NoReturn:

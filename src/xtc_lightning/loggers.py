@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
 
 from xtc_lightning.distributed import is_rank_zero
 
@@ -32,26 +32,28 @@ def wandb_id(cfg_id: str | None, run_dir: Path) -> str:
     return cfg_id or os.environ.get("WANDB_RUN_ID") or derived
 
 
-def stage_loggers(cfg: DictConfig, stage: str, run_dir: Path) -> list:
-    """The configured loggers for one stage (CSV: ``logs/<stage>/``; wandb: metric prefix ``<stage>``)."""
+def stage_loggers(configured: Mapping, stage: str, run_dir: Path) -> list:
+    """The configured loggers (the ``logger`` group: name -> ``instantiate`` target) for one stage
+    (CSV: ``logs/<stage>/``; wandb: metric prefix ``<stage>``)."""
     loggers = []
-    for lg in (cfg.logger or {}).values():
+    for lg in configured.values():
         if lg is None:
             continue
-        if lg._target_ == WANDB_TARGET:
-            loggers.append(hydra.utils.instantiate(lg, id=wandb_id(lg.id, run_dir), prefix=stage))
+        if lg["_target_"] == WANDB_TARGET:
+            loggers.append(hydra.utils.instantiate(lg, id=wandb_id(lg.get("id"), run_dir), prefix=stage))
         else:
             loggers.append(hydra.utils.instantiate(lg, version=stage))
     return loggers
 
 
 @contextmanager
-def wandb_run(cfg: DictConfig, run_dir: Path):
-    """Start the run's wandb run (rank 0, when ``logger.wandb`` is set), log the config; always finish.
+def wandb_run(configured: Mapping, resolved: Mapping, run_dir: Path):
+    """Start the run's wandb run (rank 0, when the ``logger`` group has ``wandb``), log the resolved
+    config; always finish.
 
     Yields a function recording the final results into the run summary (a no-op without wandb).
     """
-    lg = (cfg.logger or {}).get("wandb")
+    lg = configured.get("wandb")
     if lg is None or not is_rank_zero():
         yield lambda results: None
         return
@@ -59,8 +61,8 @@ def wandb_run(cfg: DictConfig, run_dir: Path):
 
     # the stages' loggers attach to this run; Lightning warns about that, and it is the intent
     warnings.filterwarnings("ignore", message=r"There is a wandb run already in progress")
-    logger = hydra.utils.instantiate(lg, id=wandb_id(lg.id, run_dir))
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    logger = hydra.utils.instantiate(lg, id=wandb_id(lg.get("id"), run_dir))
+    logger.log_hyperparams(dict(resolved))
 
     def record(results: dict) -> None:
         summary = {"score": results["score"], "final_stage": results["final_stage"]}

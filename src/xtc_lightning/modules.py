@@ -37,6 +37,15 @@ def supervised_loss(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) 
     return nn.functional.cross_entropy(logits, labels.long())
 
 
+def log_train_losses(module: L.LightningModule, losses: dict[str, torch.Tensor]) -> dict:
+    """Log each ``train/...`` loss (the mean over all processes; ``train/loss`` on the progress bar)
+    and return what ``training_step`` returns: ``loss``, the ``train/loss`` to optimize, and the
+    detached values under their logged names, which ``callbacks.FiniteLoss`` checks."""
+    for name, value in losses.items():
+        module.log(name, value, prog_bar=name == "train/loss", sync_dist=True)
+    return {"loss": losses["train/loss"], **{name: value.detach() for name, value in losses.items()}}
+
+
 def adamw_with_linear_schedule(
     module: L.LightningModule, optim: dict, lr: float, recipe: Recipe | None = None
 ):
@@ -139,11 +148,9 @@ class ClassifierModule(GlueModule):
     def evaluated_model(self) -> nn.Module:
         return self.model
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
         logits = self.model(**model_inputs(batch)).logits
-        loss = supervised_loss(self.task, logits, batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over all processes
-        return loss
+        return log_train_losses(self, {"train/loss": supervised_loss(self.task, logits, batch["labels"])})
 
     def configure_optimizers(self):
         return adamw_with_linear_schedule(self, self.optim, self.lr)
@@ -234,7 +241,7 @@ class DistillModule(GlueModule):
     def on_validation_start(self) -> None:
         self._switch_quantization(training=False)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
         inputs = model_inputs(batch)
         w = self.weights
         attention, hidden = w["attention"] > 0, w["hidden"] > 0
@@ -253,14 +260,8 @@ class DistillModule(GlueModule):
             regression=self.task.is_regression,
             labels=batch["labels"],
         )
-        for name, value in losses.items():
-            self.log(
-                "train/loss" if name == "total" else f"train/{name}_loss",
-                value,
-                prog_bar=name == "total",
-                sync_dist=True,  # the mean over all processes
-            )
-        return losses["total"]
+        named = {"train/loss" if k == "total" else f"train/{k}_loss": v for k, v in losses.items()}
+        return log_train_losses(self, named)
 
     def configure_optimizers(self):
         return adamw_with_linear_schedule(self, self.optim, self.lr, self.recipe)

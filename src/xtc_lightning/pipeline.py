@@ -15,27 +15,22 @@ import logging
 import shutil
 import time
 import warnings
-from pathlib import Path
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
-from xtc_lightning.augment import AugmentConfig, augment_train_set, check_masked_lm
+from xtc_lightning.augment import augment_train_set
 from xtc_lightning.callbacks import want_progress_bar
-from xtc_lightning.config import check_config
+from xtc_lightning.config import run_config
 from xtc_lightning.data import GlueDataModule
-from xtc_lightning.distill import check_distill_config, enable_attention_scores
+from xtc_lightning.distill import enable_attention_scores
 from xtc_lightning.distributed import finish, is_rank_zero
-from xtc_lightning.errors import UserError
 from xtc_lightning.export import SizeReport
-from xtc_lightning.export.format import STORED_DTYPES
 from xtc_lightning.io import atomic_path
 from xtc_lightning.loggers import wandb_run
-from xtc_lightning.models import check_model_source, load_classifier, load_tokenizer, num_layers_of
-from xtc_lightning.quant import QuantConfig
-from xtc_lightning.recipe import Recipe
+from xtc_lightning.models import load_classifier, load_tokenizer, num_layers_of
 from xtc_lightning.results import RunResult, count_rows, stage_table
 from xtc_lightning.resume import CONFIG_FILE, check_resume
 from xtc_lightning.runfolder import lock_run_folder, save_hydra_files, start_log_files
@@ -48,9 +43,7 @@ from xtc_lightning.stages import (
     TeacherStage,
     run_stage,
 )
-from xtc_lightning.student import build_student, layers_from_config
-from xtc_lightning.tasks import get_task
-from xtc_lightning.trainer import check_trainer_config, run_limits
+from xtc_lightning.student import build_student
 
 log = logging.getLogger("xtc_lightning")
 
@@ -80,47 +73,33 @@ def quiet_library_logs() -> None:
 def run(cfg: DictConfig) -> dict:
     """Run the pipeline up to ``cfg.stage``; write and return ``results.json``.
 
-    In a run folder that already holds finished stages or checkpoints, continue that run
-    (``resume``)."""
+    ``cfg`` is read into the typed ``RunConfig`` first (``config.run_config``: every value checked,
+    nothing written); nothing below this function sees the ``DictConfig``. In a run folder that
+    already holds finished stages or checkpoints, continue that run (``resume``)."""
     quiet_library_logs()
-    check_config(cfg)
-    task = get_task(cfg.task.name)
-    # Validate every group before any work: a bad value fails in one line, nothing written.
-    quant = QuantConfig.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
-    recipe = Recipe.from_dict(
-        OmegaConf.to_container(cfg.recipe, resolve=True), quant, cfg.quantize.max_epochs
-    )
-    check_distill_config(OmegaConf.to_container(cfg.distill, resolve=True))
-    check_model_source(cfg.model.name_or_path)
-    augment = AugmentConfig.from_dict(OmegaConf.to_container(cfg.augment, resolve=True))
-    if augment.method == "mlm" and augment.applies_to(task.name) and cfg.stage != "teacher":
-        check_masked_lm(augment.mlm_model)  # now, not after an hour of teacher training
-    if cfg.export.other_dtype not in STORED_DTYPES:
-        raise UserError(
-            f"export.other_dtype '{cfg.export.other_dtype}' is not accepted; choose one of: {', '.join(STORED_DTYPES)}"
-        )
-    check_trainer_config(cfg)
-    run_dir = Path(cfg.paths.output_dir).resolve()
+    config = run_config(cfg)
+    run_dir = config.output_dir
     if is_rank_zero():
         lock_run_folder(run_dir)  # one writer per run folder, for the rest of this process
-    resuming = check_resume(cfg, run_dir)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    resuming = check_resume(config.resume, config.resolved, run_dir)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    L.seed_everything(config.seed, workers=True, verbose=False)
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(config.model)
+    data = config.data
     datamodule = GlueDataModule(
-        task,
+        config.task,
         tokenizer,
-        glue_dir=cfg.data.dir,
-        hub_dataset=cfg.data.hub_dataset,
-        max_length=cfg.data.max_length,
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.eval_batch_size,
-        max_train_examples=cfg.data.max_train_examples,
-        num_workers=cfg.data.num_workers,
-        cache_dir=str(Path(cfg.paths.cache_dir) / "tokenized"),
-        seed=cfg.seed,
+        glue_dir=data.dir,
+        hub_dataset=data.hub_dataset,
+        max_length=data.max_length,
+        batch_size=data.batch_size,
+        eval_batch_size=data.eval_batch_size,
+        max_train_examples=data.max_train_examples,
+        num_workers=data.num_workers,
+        cache_dir=str(config.cache_dir / "tokenized"),
+        seed=config.seed,
     )
     datamodule.setup("fit")  # read and tokenize now: data errors surface before any training
 
@@ -132,19 +111,8 @@ def run(cfg: DictConfig) -> dict:
     start_log_files()
     if resuming:
         log.info("resuming the run in %s", run_dir)
-    with wandb_run(cfg, run_dir) as record_in_wandb:
-        ctx = RunContext(
-            cfg,
-            task,
-            quant,
-            recipe,
-            augment,
-            datamodule,
-            tokenizer,
-            run_dir,
-            Path(cfg.paths.cache_dir).resolve(),
-        )
-        results = run_stages(ctx)
+    with wandb_run(config.loggers, config.resolved, run_dir) as record_in_wandb:
+        results = run_stages(RunContext(config, datamodule, tokenizer, run_dir))
         record_in_wandb(results)
     if is_rank_zero():
         log.info("stages:\n%s", stage_table(results))
@@ -153,14 +121,14 @@ def run(cfg: DictConfig) -> dict:
 
 
 def run_stages(ctx: RunContext) -> dict:
-    """The stages up to ``cfg.stage``, each needed? done? run, record; ``results.json`` after the
+    """The stages up to the run's ``stage``, each needed? done? run, record; ``results.json`` after the
     training stages and again after the export. Returns what ``results.json`` holds."""
-    cfg, run_dir, datamodule = ctx.cfg, ctx.run_dir, ctx.datamodule
+    config, run_dir, datamodule = ctx.config, ctx.run_dir, ctx.datamodule
     dev_counts = {f"{s}_examples": len(d) for s, d in datamodule.dev_sets.items()}
-    limits = run_limits(cfg)
+    limits = config.trainer.limits()
     results = RunResult(
-        task=ctx.task.name,
-        stage=cfg.stage,
+        task=config.task.name,
+        stage=config.stage,
         run_dir=str(run_dir),
         limited=bool(limits),  # debug / limit_* runs: xtc-report skips them
         limits=limits,
@@ -203,15 +171,14 @@ def run_stages(ctx: RunContext) -> dict:
 def prepare_distillation(ctx: RunContext, models: Models, teacher_dir: str, results: RunResult) -> None:
     """The teacher (attention scores on), the student's layers, the student (the start of quantize
     when nothing is cut) and, when a distillation stage runs, the augmented training set."""
-    teacher = load_classifier(ctx.cfg.model, ctx.task, name_or_path=teacher_dir)
+    config = ctx.config
+    teacher = load_classifier(config.model, config.task, name_or_path=teacher_dir)
     models.teacher_dir = teacher_dir
-    models.layers = layers_from_config(
-        OmegaConf.to_container(ctx.cfg.student, resolve=True), num_layers_of(teacher.config)
-    )
+    models.layers = config.student.select(num_layers_of(teacher.config))
     models.teacher = enable_attention_scores(teacher)  # the attention loss compares pre-softmax scores
     models.student = build_student(teacher, models.layers)
     if models.drops_layers or QuantizeStage().needed(ctx, models):  # a distillation stage runs
-        bar = want_progress_bar(ctx.cfg.progress)
+        bar = want_progress_bar(config.progress)
         results.augment = augment_train_set(
-            ctx.augment, ctx.task, ctx.datamodule, teacher, ctx.tokenizer, ctx.cache_dir, bar
+            config.augment, config.task, ctx.datamodule, teacher, ctx.tokenizer, config.cache_dir, bar
         )

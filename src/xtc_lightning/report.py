@@ -29,7 +29,7 @@ from pathlib import Path
 
 from xtc_lightning.errors import UserError, entry_point
 from xtc_lightning.io import atomic_path, write_text_atomic
-from xtc_lightning.results import read_json
+from xtc_lightning.results import read_json, read_record
 from xtc_lightning.tasks import TASKS
 
 TASK_ORDER = ("mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte", "wnli")
@@ -95,7 +95,7 @@ def _export_bytes(results: dict, run_dir: Path) -> int | None:
 
 def points_of_run(results_path: Path, results: dict | None = None) -> list[Point]:
     """The student point (when the run went past the teacher) and the teacher point of one run."""
-    results = read_json(results_path) if results is None else results
+    results = read_record(results_path, results_path.parent) if results is None else results
     run_dir = results_path.parent
     task, stages = results["task"], results["stages"]
     final_name = results.get("final_stage") or list(stages)[-1]
@@ -146,7 +146,7 @@ def collect(
     skipped, limited = [], []
     for path in find_results(roots):
         try:
-            results = read_json(path)
+            results = read_record(path, path.parent)
             if results.get("limited") and not include_limited:
                 limited.append(str(path.parent))
                 continue

@@ -39,11 +39,19 @@ quantize stage, ``export`` only once exported...); ``None`` is written as ``null
     final_stage         the last stage; metrics, score and predictions are its own
     metrics, score, predictions, wall_time_s
     export              once exported: export/export.json (export/run.py)
+
+Paths (``run_dir``, ``predictions``, ``weights``, ``model_dir``, ``checkpoints``, ``resumed_from``,
+the export's files) are written relative to the run folder when they lie inside it (``run_dir`` is
+``.``) and absolute otherwise (the caches), by ``write_record``; ``read_record`` resolves them
+against the folder being read, so a moved or copied run folder reads its own files. Files written
+before (absolute paths) are read as they are.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -78,6 +86,56 @@ def read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+_PATHS = (
+    "run_dir",
+    "weights",
+    "model_dir",
+    "resumed_from",
+    "packed",
+    "tokenizer",
+    "hf",
+    "hf_dequantized",
+    "source",
+)
+_PATH_MAPS = ("predictions", "checkpoints")  # {name: path}
+
+
+def _map_paths(record: dict, fn: Callable[[str], str]) -> dict:
+    """``record`` (``results.json``, a ``<stage>/result.json`` or ``export.json``) with ``fn``
+    applied to every path it holds."""
+    out = dict(record)
+    for key in _PATHS:
+        if isinstance(out.get(key), str):
+            out[key] = fn(out[key])
+    for key in _PATH_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: fn(v) if isinstance(v, str) else v for k, v in out[key].items()}
+    if isinstance(out.get("onnx"), dict) and isinstance(out["onnx"].get("path"), str):
+        out["onnx"] = {**out["onnx"], "path": fn(out["onnx"]["path"])}
+    if isinstance(out.get("stages"), dict):
+        out["stages"] = {k: _map_paths(v, fn) for k, v in out["stages"].items()}
+    if isinstance(out.get("export"), dict):
+        out["export"] = _map_paths(out["export"], fn)
+    return out
+
+
+def write_record(path: Path, record: dict, run_dir: Path) -> None:
+    """``record`` as JSON (``write_json_atomic``), its paths inside ``run_dir`` made relative to it."""
+    root = os.path.abspath(run_dir)
+
+    def relative(p: str) -> str:
+        rel = os.path.relpath(os.path.abspath(p), root)
+        return p if rel == ".." or rel.startswith(".." + os.sep) else Path(rel).as_posix()
+
+    write_json_atomic(path, _map_paths(record, relative))
+
+
+def read_record(path: Path, run_dir: Path) -> dict:
+    """A record written by ``write_record`` (``read_json``), its relative paths resolved against
+    ``run_dir``, the folder being read (not necessarily the one it was written in)."""
+    return _map_paths(read_json(path), lambda p: str(Path(run_dir, p)))
 
 
 class _Record:
@@ -160,8 +218,8 @@ class RunResult(_Record):
     other: dict = field(default_factory=dict)
 
     def write(self, run_dir: Path) -> None:
-        """``<run_dir>/results.json``, atomically."""
-        write_json_atomic(Path(run_dir) / RESULTS_FILE, self.to_dict())
+        """``<run_dir>/results.json``, atomically, its paths relative to ``run_dir``."""
+        write_record(Path(run_dir) / RESULTS_FILE, self.to_dict(), run_dir)
 
 
 def count_rows(tsv: str | Path) -> int:

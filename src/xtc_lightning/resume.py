@@ -11,12 +11,13 @@ validation and every ``checkpoint.every_n_train_steps`` optimizer steps) or a ne
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from xtc_lightning.errors import UserError
+from xtc_lightning.results import read_record
 
 RESUME_CHOICES = ("auto", True, False)
 # Keys that may differ between the interrupted run and its continuation.
@@ -31,7 +32,7 @@ def stage_record_path(run_dir: Path, stage: str) -> Path:
 def finished_stage(run_dir: Path, stage: str) -> dict | None:
     """The recorded result of a stage this run folder already finished, or None."""
     path = stage_record_path(run_dir, stage)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_record(path, run_dir) if path.is_file() else None
 
 
 def resume_checkpoint(stage_dir: Path) -> Path | None:
@@ -57,18 +58,18 @@ def _flatten(node, prefix: str = "") -> dict:
     return out
 
 
-def check_resume(cfg: DictConfig, run_dir: Path) -> bool:
-    """Apply ``resume`` (auto | true | false) to ``run_dir``; True when this run continues one.
+def check_resume(resume, resolved: Mapping, run_dir: Path) -> bool:
+    """Apply ``resume`` (auto | true | false, checked at startup) to ``run_dir``; True when this run
+    continues one.
 
     A continuation must have the interrupted run's config (``config_resolved.yaml``) except for
-    ``NOT_RESUME_SHAPING``; anything else would mix two experiments in one folder.
+    ``NOT_RESUME_SHAPING``; ``resolved`` is this run's (plain values). Anything else would mix two
+    experiments in one folder.
     """
-    if cfg.resume not in RESUME_CHOICES:
-        raise UserError(f"resume '{cfg.resume}' is not accepted; choose one of: auto, true, false")
     state = run_dir.is_dir() and has_state(run_dir)
-    if cfg.resume is False and state:
+    if resume is False and state:
         raise UserError(f"run folder {run_dir} already holds a run (resume=false); resume=auto continues it")
-    if cfg.resume is True and not state:
+    if resume is True and not state:
         raise UserError(f"resume=true but run folder {run_dir} holds no finished stage or checkpoint")
     if not state:
         return False
@@ -78,7 +79,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> bool:
             f"run folder {run_dir} holds checkpoints but no {CONFIG_FILE}: cannot check its config"
         )
     saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
-    current = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    current = _flatten(dict(resolved))
     differ = sorted(
         k
         for k in set(saved) | set(current)

@@ -5,7 +5,7 @@ recorded result in the run folder: ``<stage>/result.json``, ``export/export.json
 ``record`` it. ``run_stage`` asks them in that order; a done stage only ``restore``s the models
 the next stages take from it (``Models``). Every trained stage is one ``Trainer.fit`` followed by
 an evaluation of its best-on-dev checkpoint (``fit_and_evaluate``). A ``RunContext`` carries what
-every stage reads: the config, the checked groups, the data, the run folder.
+every stage reads: the typed run config (``config.RunConfig``), the data, the run folder.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from xtc_lightning.augment import AugmentConfig
 from xtc_lightning.cache import cache_folder, from_cache, publish_to_cache, shaping_key
-from xtc_lightning.config import STAGES, stage_seed
+from xtc_lightning.config import STAGES, RunConfig, stage_seed
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.distill import enable_attention_scores
 from xtc_lightning.distributed import barrier, is_rank_zero
@@ -37,9 +35,9 @@ from xtc_lightning.export.run import (
 from xtc_lightning.models import check_model_source, count_parameters, load_classifier, num_layers_of
 from xtc_lightning.modules import ClassifierModule, DistillModule, GlueModule
 from xtc_lightning.predictions import write_predictions_tsv
-from xtc_lightning.quant import QuantConfig, apply_quantization, quantization_summary
+from xtc_lightning.quant import apply_quantization, quantization_summary
 from xtc_lightning.recipe import Recipe
-from xtc_lightning.results import StageResult, read_json, write_json_atomic
+from xtc_lightning.results import StageResult, read_json, read_record, write_json_atomic, write_record
 from xtc_lightning.resume import finished_stage, resume_checkpoint, stage_record_path
 from xtc_lightning.slim import WEIGHTS_NAME, drop_resume_state, save_weights
 from xtc_lightning.student import build_student
@@ -53,21 +51,20 @@ FP32 = {"weights": 32, "activations": 32}
 
 @dataclass
 class RunContext:
-    """What every stage reads: the config and its checked groups, the data, the folders."""
+    """What every stage reads: the typed config, the data, the run folder."""
 
-    cfg: DictConfig
-    task: GlueTask
-    quant: QuantConfig
-    recipe: Recipe
-    augment: AugmentConfig
+    config: RunConfig
     datamodule: GlueDataModule
     tokenizer: object
     run_dir: Path
-    cache_dir: Path  # paths.cache_dir, resolved
+
+    @property
+    def task(self) -> GlueTask:
+        return self.config.task
 
     def wants(self, stage: str) -> bool:
-        """Whether ``stage`` is at or before the run's last stage (``cfg.stage``)."""
-        return STAGES.index(self.cfg.stage) >= STAGES.index(stage)
+        """Whether ``stage`` is at or before the run's last stage (``stage``)."""
+        return STAGES.index(self.config.stage) >= STAGES.index(stage)
 
 
 @dataclass
@@ -98,17 +95,9 @@ def write_predictions(task: GlueTask, predictions: dict, folder: Path) -> dict[s
     return paths
 
 
-def seed_stage(cfg: DictConfig, stage: str, seed: int | None = None) -> None:
-    """Seed every generator from ``seed`` (default: the run's) and the stage name, before the stage
-    draws anything."""
-    L.seed_everything(stage_seed(cfg.seed if seed is None else seed, stage), workers=True, verbose=False)
-
-
-def stage_optim(cfg: DictConfig, stage: str) -> dict:
-    """The optimizer settings of a distillation stage: ``optim``, with the quantize stage's own
-    warm-up (``quantize.warmup_epochs``)."""
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    return {**optim, "warmup_epochs": cfg.quantize.warmup_epochs} if stage == "quantize" else optim
+def seed_stage(seed: int, stage: str) -> None:
+    """Seed every generator from ``seed`` and the stage name, before the stage draws anything."""
+    L.seed_everything(stage_seed(seed, stage), workers=True, verbose=False)
 
 
 def fit_and_evaluate(
@@ -121,7 +110,7 @@ def fit_and_evaluate(
     ``<stage>/start.json`` so a resumed stage reports it too."""
     stage_dir = ctx.run_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
-    trainer, checkpoint = make_trainer(ctx.cfg, stage, stage_dir, max_epochs)
+    trainer, checkpoint = make_trainer(ctx.config, stage, stage_dir, max_epochs)
     t0 = time.perf_counter()
     ckpt_path = resume_checkpoint(stage_dir)  # only there when resuming (see resume.check_resume)
     if ckpt_path is not None:
@@ -177,7 +166,7 @@ def record_stage(run_dir: Path, result: StageResult) -> dict:
     if is_rank_zero():
         path = stage_record_path(run_dir, result.stage)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, record)
+        write_record(path, record, run_dir)
         freed = drop_resume_state(path.parent)  # finished: nothing resumes from them any more
         if freed:
             log.info("%s: finished, deleted %.0f MB of resume checkpoints", result.stage, freed / 1e6)
@@ -227,20 +216,18 @@ class TeacherStage(Stage):
         return True
 
     def run(self, ctx: RunContext, models: Models) -> StageResult:
-        cfg, task = ctx.cfg, ctx.task
-        if cfg.teacher.checkpoint:
+        config, task = ctx.config, ctx.task
+        if config.teacher.checkpoint:
             return given_teacher(ctx)
-        key = shaping_key(
-            cfg, ctx.datamodule.train_fingerprint, teacher={k: cfg.teacher[k] for k in ("max_epochs", "lr")}
-        )
-        cache = cache_folder(ctx.cache_dir, "teachers", task.name, key)
+        key = shaping_key(config.shaping, ctx.datamodule.train_fingerprint, teacher=config.teacher.budget())
+        cache = cache_folder(config.cache_dir, "teachers", task.name, key)
         cached = from_cache(cache, self.name, ctx.run_dir / self.name, task.dev_splits)
         if cached is not None:
             return cached
-        seed_stage(cfg, self.name)
-        model = load_classifier(cfg.model, task)
-        module = ClassifierModule(model, task.name, OmegaConf.to_container(cfg.optim), cfg.teacher.lr)
-        result = fit_and_evaluate(ctx, self.name, module, cfg.teacher.max_epochs)
+        seed_stage(config.seed, self.name)
+        model = load_classifier(config.model, task)
+        module = ClassifierModule(model, task.name, config.optim.as_dict(), config.teacher.lr)
+        result = fit_and_evaluate(ctx, self.name, module, config.teacher.max_epochs)
         result.params = count_parameters(model)
         result.num_layers = num_layers_of(model.config)
         result.bits = dict(FP32)
@@ -249,13 +236,13 @@ class TeacherStage(Stage):
 
 def given_teacher(ctx: RunContext) -> StageResult:
     """``teacher.checkpoint``: an already fine-tuned HF folder; only evaluated."""
-    cfg, task = ctx.cfg, ctx.task
-    check_model_source(cfg.teacher.checkpoint)
-    model = load_classifier(cfg.model, task, name_or_path=cfg.teacher.checkpoint)
-    module = ClassifierModule(model, task.name, OmegaConf.to_container(cfg.optim), cfg.teacher.lr)
+    config, task = ctx.config, ctx.task
+    check_model_source(config.teacher.checkpoint)
+    model = load_classifier(config.model, task, name_or_path=config.teacher.checkpoint)
+    module = ClassifierModule(model, task.name, config.optim.as_dict(), config.teacher.lr)
     stage_dir = ctx.run_dir / "teacher"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    trainer, _ = make_trainer(cfg, "teacher", stage_dir, max_epochs=1)
+    trainer, _ = make_trainer(config, "teacher", stage_dir, max_epochs=1)
     t0 = time.perf_counter()
     trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
     return StageResult(
@@ -267,7 +254,7 @@ def given_teacher(ctx: RunContext) -> StageResult:
         params=count_parameters(model),
         num_layers=num_layers_of(model.config),
         bits=dict(FP32),
-        model_dir=str(Path(cfg.teacher.checkpoint).resolve()),
+        model_dir=str(Path(config.teacher.checkpoint).resolve()),
         cached=False,
         wall_time_s=round(time.perf_counter() - t0, 2),
     )
@@ -280,23 +267,24 @@ def distil(
     recipe: Recipe | None = None,
     teacher: tuple[nn.Module, list[int]] | None = None,
 ) -> StageResult:
-    """Distil ``models.student`` from ``models.teacher`` (reduce: fp32; quantize: ``ctx.quant``
+    """Distil ``models.student`` from ``models.teacher`` (reduce: fp32; quantize: ``config.quant``
     with ``recipe``), or from ``teacher`` = (model, its layer of each student layer) if given."""
-    cfg, student, layers = ctx.cfg, models.student, models.layers
-    quant = ctx.quant if stage == "quantize" else None
+    config, student, layers = ctx.config, models.student, models.layers
+    quant = config.quant if stage == "quantize" else None
+    budget = config.stage_config(stage)
     teacher_model, teacher_layers = teacher or (models.teacher, layers)
     module = DistillModule(
         teacher_model,
         student,
         ctx.task.name,
         teacher_layers,
-        OmegaConf.to_container(cfg.distill, resolve=True),
-        stage_optim(cfg, stage),
-        cfg[stage].lr,
+        dict(config.distill),
+        config.stage_optim(stage),
+        budget.lr,
         quant,
         recipe,
     )
-    result = fit_and_evaluate(ctx, stage, module, cfg[stage].max_epochs, score_at_start=quant is not None)
+    result = fit_and_evaluate(ctx, stage, module, budget.max_epochs, score_at_start=quant is not None)
     result.train_examples = len(ctx.datamodule.train_set)
     result.params = count_parameters(student)
     result.num_layers = len(layers)
@@ -327,24 +315,24 @@ class ReduceStage(Stage):
 
     @staticmethod
     def load(ctx: RunContext, model_dir: str):
-        return enable_attention_scores(load_classifier(ctx.cfg.model, ctx.task, name_or_path=model_dir))
+        return enable_attention_scores(load_classifier(ctx.config.model, ctx.task, name_or_path=model_dir))
 
     def run(self, ctx: RunContext, models: Models) -> StageResult:
-        cfg = ctx.cfg
+        config = ctx.config
         key = shaping_key(
-            cfg,
+            config.shaping,
             ctx.datamodule.train_fingerprint,
             from_teacher=models.teacher_dir,
             layers=models.layers,
-            distill=OmegaConf.to_container(cfg.distill, resolve=True),
-            reduce={k: cfg.reduce[k] for k in ("max_epochs", "lr")},
+            distill=dict(config.distill),
+            reduce=config.reduce.budget(),
         )
-        cache = cache_folder(ctx.cache_dir, "reduced", ctx.task.name, key)
+        cache = cache_folder(config.cache_dir, "reduced", ctx.task.name, key)
         cached = from_cache(cache, self.name, ctx.run_dir / self.name, ctx.task.dev_splits)
         if cached is not None:
             models.student = self.load(ctx, cached.model_dir)
             return cached
-        seed_stage(cfg, self.name)
+        seed_stage(config.seed, self.name)
         models.student = build_student(models.teacher, models.layers)
         result = distil(ctx, self.name, models)
         return publish_to_cache(cache, result, models.student, ctx.tokenizer)
@@ -365,16 +353,16 @@ class QuantizeStage(Stage):
     name = "quantize"
 
     def needed(self, ctx: RunContext, models: Models) -> bool:
-        return ctx.wants(self.name) and ctx.quant.enabled
+        return ctx.wants(self.name) and ctx.config.quant.enabled
 
     def run(self, ctx: RunContext, models: Models) -> StageResult:
-        cfg = ctx.cfg
-        seed_stage(cfg, self.name, cfg.quantize.seed)
-        ctx.datamodule.seed = cfg.quantize.seed  # its data order too
-        teacher = quantize_teacher(ctx.recipe, models)  # before the student is quantized
-        apply_quantization(models.student, ctx.quant)
+        config = ctx.config
+        seed_stage(config.quantize.seed, self.name)
+        ctx.datamodule.seed = config.quantize.seed  # its data order too
+        teacher = quantize_teacher(config.recipe, models)  # before the student is quantized
+        apply_quantization(models.student, config.quant)
         log.info("quantized modules:\n%s", quantization_summary(models.student).text)
-        result = distil(ctx, self.name, models, ctx.recipe, teacher)
+        result = distil(ctx, self.name, models, config.recipe, teacher)
         models.quantized_here = True  # its best-on-dev weights, as weights.safetensors holds them
         return result
 
@@ -394,14 +382,15 @@ class ExportStage(Stage):
     def done(self, ctx: RunContext) -> dict | None:
         export_dir = ctx.run_dir / EXPORT_DIR
         if (export_dir / "export.json").is_file() and (export_dir / PACKED_NAME).is_file():
-            return read_json(export_dir / "export.json")  # exported before an interruption
+            return read_record(export_dir / "export.json", ctx.run_dir)  # exported before an interruption
         return None
 
     def run(self, ctx: RunContext, models: Models) -> dict:
         """Export the quantize stage's best student from memory when it trained in this process
         (the same model ``xtc export`` rebuilds from the run folder); otherwise (an fp32 final
         stage, a quantize stage finished before a resume) as ``xtc export`` does."""
-        export = ctx.cfg.export
+        config = ctx.config
+        export = config.export
         options = {
             "other_dtype": export.other_dtype,
             "hf": export.hf,
@@ -411,9 +400,11 @@ class ExportStage(Stage):
         results = self.results
         if not (results["final_stage"] == "quantize" and models.quantized_here):
             return export_run(ctx.run_dir, **options)
-        model = final_form(models.student, ctx.quant)
+        model = final_form(models.student, config.quant)
         base, source = quantize_base(results, ctx.run_dir), results["stages"]["quantize"]["weights"]
-        return export_model(model, ctx.quant, base, source, ctx.run_dir, results, ctx.cfg, **options)
+        return export_model(
+            model, config.quant, base, source, ctx.run_dir, results, config.resolved, **options
+        )
 
     def record(self, ctx: RunContext, result: dict) -> dict:
         return result  # export_run wrote export/export.json

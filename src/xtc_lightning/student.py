@@ -18,8 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from xtc_lightning.config import check_exact_keys
-from xtc_lightning.errors import UserError
+from xtc_lightning.errors import UserError, check_exact_keys
 from xtc_lightning.models import encoder_layers, num_layers_of
 
 STUDENT_KEYS = ("name", "layers", "num_layers")

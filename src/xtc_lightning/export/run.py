@@ -5,7 +5,7 @@ in-memory best student (``stages.ExportStage``). ``export_run`` (``xtc export RU
 rebuilds that model from a finished run folder, then calls the same ``export_model``.
 From ``<run>/results.json`` and ``<run>/config_resolved.yaml``: the quantize stage's
 student is rebuilt as in the pipeline (the reduce stage's model folder, or the teacher's
-when no layer was dropped; ``apply_quantization`` with ``cfg.quant``; the selected weights,
+when no layer was dropped; ``apply_quantization`` with the run's ``quant``; the selected weights,
 ``quantize/weights.safetensors``, or the best checkpoint's ``student.*`` state (loaded with
 ``weights_only=True``) in run folders from before that file). A run whose last stage is the
 teacher or the reduce stage exports that stage's fp32 model folder. Written into
@@ -26,7 +26,6 @@ teacher or the reduce stage exports that stage's fp32 model folder. Written into
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -40,9 +39,8 @@ from xtc_lightning.export.hf_packed import WEIGHTS_NAME, export_hf_packed
 from xtc_lightning.export.packed import export_packed, tokenizer_dir
 from xtc_lightning.export.size import SizeReport
 from xtc_lightning.finite import check_finite_weights
-from xtc_lightning.io import write_text_atomic
 from xtc_lightning.quant import QuantConfig, apply_quantization, set_quantization_enabled, set_weight_form
-from xtc_lightning.results import RESULTS_FILE, read_json
+from xtc_lightning.results import RESULTS_FILE, read_record, write_record
 from xtc_lightning.resume import CONFIG_FILE
 from xtc_lightning.slim import load_weights
 from xtc_lightning.tasks import get_task
@@ -52,34 +50,18 @@ PACKED_NAME = "model.safetensors"
 STUDENT_PREFIX = "student."
 
 
-def read_run(run_dir: Path) -> tuple[dict, object]:
-    """``results.json`` and the resolved config of a run folder."""
+def read_run(run_dir: Path) -> tuple[dict, dict]:
+    """``results.json`` and the resolved config (``config_resolved.yaml``, plain values) of a run folder."""
     from omegaconf import OmegaConf
 
     results_path, config_path = run_dir / RESULTS_FILE, run_dir / CONFIG_FILE
     for p in (results_path, config_path):
         if not p.is_file():
             raise UserError(f"{run_dir} is not a finished run folder: {p.name} is missing")
-    results = read_json(results_path)
+    results = read_record(results_path, run_dir)
     if not isinstance(results.get("stages"), dict) or not results["stages"]:
         raise UserError(f"{results_path}: no stages recorded")
-    return results, OmegaConf.load(config_path)
-
-
-def in_run_folder(path: str | None, results: dict, run_dir: Path) -> Path | None:
-    """A path recorded in ``results.json``, read in the folder given rather than the one recorded:
-    relative paths are relative to ``run_dir``; absolute ones inside the folder the run was recorded
-    in (``results["run_dir"]``) are moved into ``run_dir``, so a copied or moved run folder never
-    reads the original's files. Paths outside it (the caches) stay as they are."""
-    if not path:
-        return None
-    p = Path(path)
-    if not p.is_absolute():
-        return run_dir / p
-    try:
-        return run_dir / p.relative_to(Path(results.get("run_dir") or run_dir))
-    except ValueError:
-        return p
+    return results, OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
 
 
 def _model_dir(results: dict, stage: str, path: Path) -> str:
@@ -101,7 +83,7 @@ def quantize_weights(run_dir: Path, results: dict) -> tuple[dict, str]:
     full-state checkpoint's ``student.*``."""
     stage = results["stages"]["quantize"]
     if stage.get("weights"):
-        path = in_run_folder(stage["weights"], results, run_dir)
+        path = Path(stage["weights"])
         if not path.is_file():
             raise UserError(f"{run_dir}: the quantize stage's weights {str(path)!r} are missing")
         try:
@@ -109,7 +91,8 @@ def quantize_weights(run_dir: Path, results: dict) -> tuple[dict, str]:
         except Exception as err:  # not a safetensors file
             raise UserError(f"{path}: cannot load the weights ({type(err).__name__})") from None
     checkpoints = stage.get("checkpoints") or {}
-    path = in_run_folder(checkpoints.get("best") or checkpoints.get("last"), results, run_dir)
+    recorded = checkpoints.get("best") or checkpoints.get("last")
+    path = Path(recorded) if recorded else None
     if not path or not path.is_file():
         raise UserError(f"{run_dir}: the quantize stage's checkpoint {str(path)!r} is missing")
     try:
@@ -122,20 +105,23 @@ def quantize_weights(run_dir: Path, results: dict) -> tuple[dict, str]:
     )
 
 
-def rebuild_final_model(run_dir: Path, results: dict, cfg) -> tuple[nn.Module, QuantConfig, str, str]:
-    """(model in eval mode, its quant config, the folder it was built from, the weights' source)."""
-    from omegaconf import OmegaConf
-
+def rebuild_final_model(
+    run_dir: Path, results: dict, config: dict
+) -> tuple[nn.Module, QuantConfig, str, str]:
+    """(model in eval mode, its quant config, the folder it was built from, the weights' source);
+    ``config`` the run's resolved config (``read_run``)."""
+    from xtc_lightning.config import ModelConfig
     from xtc_lightning.models import load_classifier
 
     task = get_task(results["task"])
+    model = ModelConfig.from_dict(config["model"])
     final = results.get("final_stage") or list(results["stages"])[-1]
     if final != "quantize":
         base = _model_dir(results, final, run_dir)
-        return load_classifier(cfg.model, task, name_or_path=base).eval(), QuantConfig(), base, base
+        return load_classifier(model, task, name_or_path=base).eval(), QuantConfig(), base, base
     base = quantize_base(results, run_dir)
-    quant = QuantConfig.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
-    student = load_classifier(cfg.model, task, name_or_path=base)
+    quant = QuantConfig.from_dict(config["quant"])
+    student = load_classifier(model, task, name_or_path=base)
     apply_quantization(student, quant)
     state, ckpt_path = quantize_weights(run_dir, results)
     own = student.state_dict()
@@ -178,8 +164,8 @@ def export_run(
     reason in ``dev.skipped``) when that folder is not on this machine.
     """
     run_dir = Path(run_dir).resolve()
-    results, cfg = read_run(run_dir)
-    model, quant, base, source = rebuild_final_model(run_dir, results, cfg)
+    results, config = read_run(run_dir)
+    model, quant, base, source = rebuild_final_model(run_dir, results, config)
     return export_model(
         model,
         quant,
@@ -187,7 +173,7 @@ def export_run(
         source,
         run_dir,
         results,
-        cfg,
+        config,
         other_dtype=other_dtype,
         glue_dir=glue_dir,
         hf=hf,
@@ -204,7 +190,7 @@ def export_model(
     source: str,
     run_dir: Path,
     results: dict,
-    cfg,
+    config: dict,
     *,
     other_dtype: str = "float16",
     glue_dir: str | Path | None = None,
@@ -216,7 +202,8 @@ def export_model(
     """``export_run``'s body for a model already at hand (the pipeline's best student in memory,
     or the one ``rebuild_final_model`` read back): ``model`` in its final form (``final_form``),
     ``base`` the folder of its tokenizer, ``source`` where its weights are recorded, ``results``
-    and ``cfg`` the run's ``results.json`` and resolved config."""
+    and ``config`` the run's ``results.json`` and resolved config (plain values, as
+    ``config_resolved.yaml`` holds it: ``RunConfig.resolved`` in the pipeline)."""
     from transformers import AutoTokenizer
 
     check_finite_weights(model, f"{source} (before exporting it)")
@@ -237,8 +224,8 @@ def export_model(
         task=results["task"],
         tokenizer=tokenizer,
         other_dtype=other_dtype,
-        max_length=int(cfg.data.max_length),
-        eval_batch_size=int(cfg.data.eval_batch_size),
+        max_length=int(config["data"]["max_length"]),
+        eval_batch_size=int(config["data"]["eval_batch_size"]),
         extra_meta={"run_dir": str(run_dir), "stage": results.get("final_stage"), "source": str(source)},
         teacher_bytes=teacher_bytes,
     )
@@ -256,10 +243,10 @@ def export_model(
         "size": size.as_dict(),
         "dev": None,
     }
-    data_dir = glue_dir if glue_dir is not None else cfg.data.get("dir")
+    data_dir = glue_dir if glue_dir is not None else config["data"].get("dir")
     if evaluate:
         if not data_dir or Path(data_dir).is_dir():  # no folder: the run's hub dataset
-            dev = evaluate_packed(packed_path, data_dir or None, hub_dataset=cfg.data.hub_dataset)
+            dev = evaluate_packed(packed_path, data_dir or None, hub_dataset=config["data"]["hub_dataset"])
             summary["dev"] = {
                 "splits": dev["splits"],
                 "score": dev["score"],
@@ -276,18 +263,12 @@ def export_model(
         if "score" in (summary["dev"] or {}):
             summary["onnx"]["dev"] = onnx_agreement(packed_path, onnx_path, data_dir)
     if hf:
-        card = model_card(results, _plain_config(cfg), _overrides(run_dir), summary)
+        card = model_card(results, config, _overrides(run_dir), summary)
         folder = export_hf_packed(packed_path, out_dir / "hf", card=card)
         summary["hf"] = str(folder)
         summary["hf_file_bytes"] = (folder / WEIGHTS_NAME).stat().st_size
-    write_text_atomic(out_dir / "export.json", json.dumps(summary, indent=2) + "\n")
+    write_record(out_dir / "export.json", summary, run_dir)
     return summary
-
-
-def _plain_config(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def _overrides(run_dir: Path) -> list[str]:
