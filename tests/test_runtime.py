@@ -414,9 +414,12 @@ def test_epilogues_hand_the_next_linear_its_codes_with_bit_equal_logits(tmp_path
     fast, unfused = load_runtime(path), load_runtime(path)
     for m in unfused.modules():
         if isinstance(m, Int8Linear):
-            m.feeds = None
-    layer = fast.bert.encoder.layer[0]
+            m.feeds = m.fed = None
+    layer, last = fast.bert.encoder.layer
+    assert layer.attention.output.dense.feeds is layer.intermediate.dense.fed is not None
     assert layer.intermediate.dense.feeds is layer.output.dense.fed is not None
+    assert layer.output.dense.feeds is last.attention.self.query.siblings.lead.fed is not None
+    assert last.output.dense.feeds is None  # the pooler reads it: no int8 linear
     with torch.inference_mode():
         for n, length, seed in ((1, 9, 0), (33, 17, 1), (8, 64, 2)):
             x = inputs(n, length, seed)

@@ -471,21 +471,48 @@ def _hands_off(producer: Int8Linear, consumer: object) -> bool:
 def fold_quantize(model: nn.Module) -> list[str]:
     """Let each int8 epilogue whose output is the input of the next int8 linear compute that linear's codes (in place).
 
-    Matches HF encoder layers (``attention``, ``intermediate``, ``output`` children, e.g.
-    ``BertLayer``): the intermediate linear with its folded GELU (``fold_gelu``) hands its
-    output's codes to the ``output`` block's linear (``Int8ResidualNorm``), which reads nothing
-    else of it. Returns the names of the linears that quantize for the next one.
+    Matches HF encoders (a ``layer`` list of layers with ``attention``, ``intermediate`` and
+    ``output`` children, e.g. ``BertEncoder``), where three epilogues feed an int8 linear: the
+    attention output block's residual + LayerNorm (``Int8ResidualNorm``) feeds the intermediate
+    linear; the intermediate's GELU (``fold_gelu``) feeds the output block's linear, which reads
+    nothing else of it (it gets the codes only); the output block's residual + LayerNorm feeds
+    the next layer's query (and key and value: ``FusedSiblings``). A LayerNorm output is also the
+    next residual, so it is still returned in fp32. Returns the names of the linears that
+    quantize for the next one.
     """
     folded = []
-    for name, layer in model.named_modules():
-        intermediate, output = getattr(layer, "intermediate", None), getattr(layer, "output", None)
-        if getattr(layer, "attention", None) is None or not isinstance(output, Int8ResidualNorm):
+
+    def link(name: str, producer: object, consumer: object) -> None:
+        if isinstance(producer, Int8Linear) and _hands_off(producer, consumer):
+            producer.feeds = consumer.fed = Handoff(consumer.act_qmax)
+            folded.append(name)
+
+    for name, encoder in model.named_modules():
+        layers = getattr(encoder, "layer", None)
+        if not isinstance(layers, nn.ModuleList):
             continue
-        dense = getattr(intermediate, "dense", None)
-        if isinstance(dense, Int8Linear) and dense.gelu and _hands_off(dense, output.dense):
-            dense.feeds = output.dense.fed = Handoff(output.dense.act_qmax)
-            folded.append(f"{name}.intermediate.dense")
+        for i, layer in enumerate(layers):
+            prefix = f"{name}.layer.{i}" if name else f"layer.{i}"
+            attention_output = getattr(getattr(layer, "attention", None), "output", None)
+            dense = getattr(getattr(layer, "intermediate", None), "dense", None)
+            output = getattr(layer, "output", None)
+            if isinstance(attention_output, Int8ResidualNorm):
+                link(f"{prefix}.attention.output.dense", attention_output.dense, dense)
+            if not isinstance(output, Int8ResidualNorm):
+                continue
+            if isinstance(dense, Int8Linear) and dense.gelu:
+                link(f"{prefix}.intermediate.dense", dense, output.dense)
+            if i + 1 < len(layers):
+                link(f"{prefix}.output.dense", output.dense, _query_gemm(layers[i + 1]))
     return folded
+
+
+def _query_gemm(layer: nn.Module) -> Int8Linear | None:
+    """The linear whose input quantizer reads a layer's input: its query, or the query's sibling group's lead."""
+    query = getattr(getattr(getattr(layer, "attention", None), "self", None), "query", None)
+    if not isinstance(query, Int8Linear):
+        return None
+    return query if query.siblings is None else query.siblings.lead
 
 
 def _can_compile() -> bool:
