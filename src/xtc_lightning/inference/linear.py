@@ -300,7 +300,7 @@ class Int8Linear(nn.Module):
     def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """int8 codes ``(M, K)`` and scale ``(M, 1)`` or ``()``, as ``fake_quantize_activation`` computes them.
 
-        If the previous linear's epilogue computed them for this very ``x`` (``handoff``), they are used as given.
+        If the previous linear's epilogue computed them for this very ``x`` (``fed``), they are used as given.
         """
         given = None if self.fed is None else self.fed.take(x)
         if given is not None:
