@@ -16,7 +16,7 @@ from xtc_lightning.inference.linear import _can_prepack, onednn_prepack
 from xtc_lightning.inference.linear import _compiled as compiled_kernel
 from xtc_lightning.inference.unpad import SERIAL_TOKENS
 from xtc_lightning.quant import ActivationSpec, QuantConfig, QuantLinear, WeightSpec, apply_quantization
-from xtc_lightning.quant.int8 import quantize_per_token
+from xtc_lightning.quant.int8 import quantize_per_token, token_scale
 
 A8 = ActivationSpec("symmetric", 8, "dynamic")
 WEIGHTS = {
@@ -282,9 +282,12 @@ def test_gelu_and_residual_norm_run_in_the_int8_epilogue(tmp_path):
         with torch.inference_mode():
             x = torch.randn(2, 7, 40)
             r = reference.bert.encoder.layer[0]
-            mid = r.intermediate(x)
-            close(layer.intermediate(x), mid)
-            close(layer.output(mid, x), r.output(mid, x))
+            mid, got = r.intermediate(x), layer.intermediate(x)
+            if compile:  # the GELU output's int8 codes, handed to layer.output.dense (fold_quantize)
+                assert got.dtype == torch.int8 and layer.output.dense.fed.slot[0] is got
+            else:
+                close(got, mid)
+            close(layer.output(got, x), r.output(mid, x))
             for n, length, seed in ((1, 9, 0), (33, 17, 1)):
                 xs = inputs(n, length, seed)
                 ref, out = reference(**xs).logits, fast(**xs).logits
@@ -363,3 +366,65 @@ def test_runtime_holds_bit_packed_codes_and_keeps_outputs(low_memory, tmp_path):
             assert torch.equal(out, ref)  # the same codes and GEMM results, whatever holds them
             assert torch.equal(copied(**x).logits, out)
             close(out, reference(**x).logits)
+
+
+def epilogue_inputs(m: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GEMM output ``y`` and token scales of real width, with the quantizer's edge cases in rows 0-3."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(m, n, generator=g) * 4
+    a_scale = torch.rand(m, 1, generator=g) + 0.5
+    a_scale[:3] = 1
+    y[0] = 0  # an all-zero row: scale 1, codes 0
+    y[1] = torch.arange(n) % 255 - 127.0  # max|y| = 127: scale 1, codes -127..127
+    y[2] = (torch.arange(n) % 254 - 126.5) / 4  # scale 1/4 (y[2, 0] = 127/4): every code a tie k + 0.5
+    y[2, 0] = 127 / 4
+    y[3] = -y[3].abs()  # the maximum magnitude is negative
+    return y, a_scale
+
+
+@pytest.mark.parametrize("variant", ["gelu", "residual_norm", "plain"])
+def test_epilogue_codes_are_the_epilogue_then_the_quantizer_exactly(variant):
+    m, n = (261, 1536) if variant == "gelu" else (261, 384)  # MiniLM widths, rows not a multiple of 16
+    y, a_scale = epilogue_inputs(m, n, seed=0)
+    g = torch.Generator().manual_seed(1)
+    bias = None if variant == "plain" else torch.randn(n, generator=g)  # plain: y[2]'s ties stay ties
+    residual = torch.randn(m, n, generator=g) if variant == "residual_norm" else None
+    norm = (
+        (torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g), 1e-12)
+        if residual is not None
+        else None
+    )
+    gelu = variant == "gelu"
+    with torch.inference_mode():
+        # oneDNN route (fp32 sums times the row scale) and torch._int_mm route (int32 sums, row scale here)
+        for sums, w_scale in ((y, None), (y.round().to(torch.int32), torch.ones(n))):
+            args = (sums, w_scale, a_scale, bias, gelu, residual, norm)
+            ref = compiled_kernel("epilogue")(*args)
+            ref_codes, ref_scale = compiled_kernel("quantize")(ref, 127)
+            z, codes, amax = compiled_kernel("epilogue_codes")(*args, 127, not gelu)
+            assert torch.equal(codes, ref_codes) and torch.equal(token_scale(amax, 127), ref_scale)
+            assert z is None if gelu else torch.equal(z, ref)
+            if variant == "plain" and w_scale is None:
+                assert not codes[0].any() and torch.equal(codes[1].float(), y[1])
+                assert torch.equal(codes[2, 1:].float(), torch.round(y[2, 1:] * 4))  # half to even
+
+
+def test_epilogues_hand_the_next_linear_its_codes_with_bit_equal_logits(tmp_path):
+    path = packed_w1a8(tmp_path)
+    fast, unfused = load_runtime(path), load_runtime(path)
+    for m in unfused.modules():
+        if isinstance(m, Int8Linear):
+            m.feeds = m.fed = None
+    layer, last = fast.bert.encoder.layer
+    assert layer.attention.output.dense.feeds is layer.intermediate.dense.fed is not None
+    assert layer.intermediate.dense.feeds is layer.output.dense.fed is not None
+    assert layer.output.dense.feeds is last.attention.self.query.siblings.lead.fed is not None
+    assert last.output.dense.feeds is None  # the pooler reads it: no int8 linear
+    with torch.inference_mode():
+        for n, length, seed in ((1, 9, 0), (33, 17, 1), (8, 64, 2)):
+            x = inputs(n, length, seed)
+            assert torch.equal(fast(**x).logits, unfused(**x).logits)
+        codes = layer.intermediate(torch.randn(2, 7, 40))
+        assert codes.dtype == torch.int8 and layer.output.dense.fed.slot[0] is codes
+        with pytest.raises(RuntimeError, match="without their scale"):
+            layer.output.dense(codes.clone())  # not the tensor handed over

@@ -2,7 +2,8 @@
 
     linear.py   ``Int8Linear``: int8 activations x weight codes through an integer GEMM (oneDNN
                 prepacked, per-row scale in the GEMM's epilogue, else ``torch._int_mm``), then one
-                compiled epilogue: scales and bias, the folded GELU, residual add + LayerNorm
+                compiled epilogue: scales and bias, the folded GELU, residual add + LayerNorm, and
+                the next linear's int8 input codes (``fold_quantize``)
     unpad.py    padding removal: the encoder runs over the real tokens only (``UnpaddedForward``)
     qkv.py      QKV fusion: linears of one parent reading the same input as one GEMM (``FusedSiblings``)
     bitrows.py  weight codes kept bit-packed, row by row: the word embeddings (``BitRowsEmbedding``)

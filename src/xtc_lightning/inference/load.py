@@ -13,6 +13,7 @@ from xtc_lightning.inference.linear import (
     _can_compile,
     _can_prepack,
     fold_gelu,
+    fold_quantize,
     fold_residual_norm,
     onednn_prepack,
 )
@@ -47,7 +48,8 @@ def optimize_for_inference(
     ``low_memory`` keeps the codes bit-packed (``Int8Linear.compact``, ``BitRowsEmbedding``
     tables whatever this flag) and unpacks each linear's codes at its call (no prepacked copy).
     The exact GELU after an int8 linear runs in that linear's epilogue (``fold_gelu``), and so do the
-    residual add and LayerNorm of HF's output blocks (``fold_residual_norm``).
+    residual add and LayerNorm of HF's output blocks (``fold_residual_norm``); with ``compile``, an
+    epilogue whose output is the next int8 linear's input also computes that linear's codes (``fold_quantize``).
     ``model.int8_summary`` records ``{"int8": [...names], "fallback": [...names], "unpadded":
     bool}``.
     """
@@ -77,6 +79,7 @@ def optimize_for_inference(
                 FusedSiblings(members)
     fold_gelu(model)
     fold_residual_norm(model)
+    fold_quantize(model)
     compact_embeddings(model)
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if attn_implementation is not None and current is not None and current != attn_implementation:

@@ -40,9 +40,14 @@ def quantize_per_token(x: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
     are ``round(x / scale)`` with the same ``div``, so they equal the fake quantizer's.
     |x| / (max|x| / Q) <= Q up to rounding (< Q + 0.5): no clamp is needed.
     """
-    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).div_(qmax)
-    scale = torch.where(scale > 0, scale, 1)
+    scale = token_scale(torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True), qmax)
     return torch.div(x, scale).round_().to(torch.int8), scale
+
+
+def token_scale(amax: Tensor, qmax: int) -> Tensor:
+    """The per-token scale of rows whose ``max|x|`` is ``amax``: ``amax / qmax``, 1 for an all-zero row."""
+    scale = amax / qmax
+    return torch.where(scale > 0, scale, 1)
 
 
 def rescale(acc: Tensor, w_scale: Tensor, a_scale: Tensor, bias: Tensor | None) -> Tensor:
