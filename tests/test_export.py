@@ -886,3 +886,22 @@ def test_readme_runtime_example_runs(finished_run):
     scope: dict = {}
     exec(example.replace("runs/<...>/export/model.safetensors", str(packed)), scope)
     assert scope["logits"].shape == (len(scope["sentences"]), 2)
+
+
+def test_evaluation_settings_come_from_the_file_and_a_missing_length_is_an_error(tmp_path, glue_dir):
+    """The sequence length decides the predictions: never assumed. The batch size does not: the
+    run's, else 64. Evaluation, test predictions and the ONNX check read them the same way."""
+    from xtc_lightning.export.packed import eval_settings, packed_metadata
+    from xtc_lightning.predictions import predict_test
+
+    cfg = CONFIGS["w1a8"]
+    stored, bare = tmp_path / "stored.safetensors", tmp_path / "bare.safetensors"
+    export_packed(tiny_model(cfg), stored, quant_cfg=cfg, task="rte", max_length=96, eval_batch_size=16)
+    export_packed(tiny_model(cfg), bare, quant_cfg=cfg, task="rte")
+    assert eval_settings(stored, packed_metadata(stored)) == (96, 16)
+    assert eval_settings(stored, packed_metadata(stored), 32, 8) == (32, 8)
+    assert eval_settings(bare, packed_metadata(bare), max_length=40) == (40, 64)
+    for call in (lambda: eval_settings(bare, packed_metadata(bare)), lambda: predict_test(bare, glue_dir)):
+        with pytest.raises(UserError, match=rf"^{re.escape(str(bare))}: no max_length stored with the file"):
+            call()
+    assert not list(tmp_path.glob("*.tsv"))  # refused before writing anything

@@ -140,13 +140,12 @@ def packed_file_of(path: str | Path) -> Path:
 
 def predict_test(path: str | Path, glue_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, str]:
     """Write the GLUE submission files of a packed model's task; returns {test file stem: written path}."""
-    from xtc_lightning.export.packed import load_packed, load_packed_tokenizer, packed_metadata
+    from xtc_lightning.export.packed import eval_settings, load_packed, load_packed_tokenizer, packed_metadata
 
     packed = packed_file_of(path)
     meta = packed_metadata(packed)
     task = get_task(meta["task"])
-    data = meta.get("data") or {}
-    max_length, batch_size = data.get("max_length") or 128, data.get("eval_batch_size") or 64
+    max_length, batch_size = eval_settings(packed, meta)
     splits = {stem: read_test_split(task, glue_dir, stem) for stem in SUBMISSION_FILES[task.name]}
     model, tokenizer = load_packed(packed), load_packed_tokenizer(packed)
     out = Path(out_dir) if out_dir is not None else packed.parent / "glue_test"

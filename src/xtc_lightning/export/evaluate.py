@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.errors import UserError, entry_point
-from xtc_lightning.export.packed import load_packed, load_packed_tokenizer, packed_metadata
+from xtc_lightning.export.packed import eval_settings, load_packed, load_packed_tokenizer, packed_metadata
 from xtc_lightning.metrics import compute_metrics, predictions_from_logits, task_score
 from xtc_lightning.modules import model_inputs
 from xtc_lightning.tasks import GlueTask, get_task
@@ -104,13 +104,7 @@ def evaluate_packed(
     task = get_task(meta["task"])
     if split is not None and split not in task.dev_splits:
         raise UserError(f"split '{split}' is not a dev split of {task.name}: {', '.join(task.dev_splits)}")
-    data = meta.get("data") or {}
-    max_length = max_length or data.get("max_length")
-    if not max_length:
-        raise UserError(f"{path}: no max_length stored with the file: pass max_length (--max-length)")
-    batch_size = batch_size or data.get("eval_batch_size") or 64
-    if max_length < 1 or batch_size < 1:
-        raise UserError(f"max_length={max_length} and batch_size={batch_size} must be positive")
+    max_length, batch_size = eval_settings(path, meta, max_length, batch_size)
     if runtime:
         from xtc_lightning.inference import load_runtime
 

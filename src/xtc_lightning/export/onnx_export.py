@@ -328,20 +328,13 @@ def onnx_agreement(packed_path: str | Path, onnx_path: str | Path, glue_dir: str
     (regression: ``same_predictions`` and ``agreement`` are None; the logit difference is the score's).
     """
     from xtc_lightning.export.evaluate import dev_data
-    from xtc_lightning.export.packed import load_packed_tokenizer, packed_metadata
+    from xtc_lightning.export.packed import eval_settings, load_packed_tokenizer, packed_metadata
     from xtc_lightning.modules import model_inputs
     from xtc_lightning.tasks import get_task
 
     meta = packed_metadata(packed_path)
     task = get_task(meta["task"])
-    data = meta.get("data") or {}
-    dm = dev_data(
-        task,
-        load_packed_tokenizer(packed_path),
-        glue_dir,
-        data.get("max_length") or 128,
-        data.get("eval_batch_size") or 64,
-    )
+    dm = dev_data(task, load_packed_tokenizer(packed_path), glue_dir, *eval_settings(packed_path, meta))
     model, session = load_packed(packed_path), onnx_session(onnx_path)
     ref, out = [], []
     for loader in dm.val_dataloader():

@@ -208,6 +208,30 @@ def packed_metadata(path: str | Path) -> dict:
     return read_header(path).metadata
 
 
+# A file saved without its run's evaluation batch size is evaluated in batches of this many:
+# the batch size changes the speed, not the predictions (the sequence length does: it is never assumed).
+EVAL_BATCH_SIZE = 64
+
+
+def eval_settings(
+    path: str | Path, meta: dict, max_length: int | None = None, batch_size: int | None = None
+) -> tuple[int, int]:
+    """``(max_length, batch_size)`` to evaluate a packed file: the values given, else those stored
+    with it (``data``, as the run evaluated). A file stored without a sequence length needs one given
+    (it decides truncation, so the predictions); the batch size falls back to ``EVAL_BATCH_SIZE``."""
+    data = meta.get("data") or {}
+    max_length = max_length or data.get("max_length")
+    if not max_length:
+        raise UserError(
+            f"{path}: no max_length stored with the file: pass max_length (--max-length), "
+            f"or save it with save_packed(..., max_length=...)"
+        )
+    batch_size = batch_size or data.get("eval_batch_size") or EVAL_BATCH_SIZE
+    if max_length < 1 or batch_size < 1:
+        raise UserError(f"max_length={max_length} and batch_size={batch_size} must be positive")
+    return int(max_length), int(batch_size)
+
+
 def load_packed(path: str | Path) -> nn.Module:
     """Rebuild the model from a packed file alone, in eval mode (see the module docstring)."""
     packed = read_packed(path)
