@@ -202,7 +202,7 @@ def test_a_multirun_with_choice_glob_and_a_logger_list_runs(tmp_path, glue_dir, 
 def test_optuna_search_runs_two_trials_offline(tmp_path, glue_dir, tiny_bert_dir):
     """hparams_search=optuna: a local TPE search over sweeps/bayes.yaml's space maximizing `score`."""
     bayes = load(REPO / "sweeps" / "bayes.yaml")["parameters"]
-    readme = readme_commands("## Running a sweep")[1]  # as written, plus a tiny model and 2 trials
+    readme = readme_commands("## Running a sweep")[2]  # as written, plus a tiny model and 2 trials
     assert readme[:4] == ["python", "train.py", "-m", "hparams_search=optuna"]
     tiny = [f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", "debug=fast"]
     args = [*readme[3:], "hydra.sweeper.n_trials=2", *tiny]
