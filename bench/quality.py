@@ -404,6 +404,14 @@ def render_curves(table: dict) -> str:
             for r in row[v]["runs"]:
                 scores = ", ".join(fmt(x) for x in r["dev_by_epoch"])
                 lines.append(f"- {task}, {LABELS[v]} (seed {r['seed']}), dev after each epoch: {scores}")
+        for run_dir in sorted((OUT / task).glob("*_ref*")):  # stopped before the end: no results.json
+            v = run_dir.name.split("@")[0]
+            if v in LABELS and not (run_dir / "results.json").is_file():
+                scores = ", ".join(fmt(x) for x in dev_by_epoch(run_dir, sys.maxsize))
+                if scores:
+                    lines.append(
+                        f"- {task}, {LABELS[v]} ({run_dir.name}), stopped unfinished; dev after each epoch: {scores}"
+                    )
     return "\n".join(lines)
 
 
