@@ -404,11 +404,14 @@ def render_screen(table: dict) -> str:
 
 
 def render_curves(table: dict) -> str:
-    """Dev score after each quantize epoch of the long (reference-budget) runs."""
+    """Dev score after each quantize epoch of the long runs (reference budget, 9 epochs) and of the
+    lr screen, whose high-lr runs score low until the lr has decayed."""
     lines = []
     for task, row in table.items():
-        for v in (v for v in SCREEN if v.endswith("_ref") and v in row):
-            for r in row[v]["runs"]:
+        for v in (v for v in SCREEN if v == "l3_w1a8" or v.endswith(("_ref", "_e9")) or "_lr" in v):
+            if v not in row:
+                continue
+            for r in row[v]["runs"][:1]:
                 scores = ", ".join(fmt(x) for x in r["dev_by_epoch"])
                 lines.append(f"- {task}, {LABELS[v]} (seed {r['seed']}), dev after each epoch: {scores}")
         for run_dir in sorted((OUT / task).glob("*_ref*")):  # stopped before the end: no results.json
