@@ -413,7 +413,8 @@ def render_curves(table: dict) -> str:
                 continue
             for r in row[v]["runs"][:1]:
                 scores = ", ".join(fmt(x) for x in r["dev_by_epoch"])
-                lines.append(f"- {task}, {LABELS[v]} (seed {r['seed']}), dev after each epoch: {scores}")
+                if scores:  # runs recorded before the per-epoch log have none
+                    lines.append(f"- {task}, {LABELS[v]} (seed {r['seed']}), dev after each epoch: {scores}")
         for run_dir in sorted((OUT / task).glob("*_ref*")):  # stopped before the end: no results.json
             v = run_dir.name.split("@")[0]
             if v in LABELS and not (run_dir / "results.json").is_file():
