@@ -113,6 +113,7 @@ VARIANTS.update({
     # rest (LayerNorms, biases, position embeddings, head) at 1e-4.
     "l3_w1a8_latent_lr20": [*W1A8_3L, "recipe.latent_lr_scale=20"],
     "l3_w1a8_latent_lr40": [*W1A8_3L, "recipe.latent_lr_scale=40"],
+    "l3_w2a8_latent_lr20": ["student=l3", "quant=ternary", "recipe.latent_lr_scale=20"],
     # The lr lever plateaus near 66 at 3 epochs (2e-3: 66.6, 4e-3: 66.4): budget on top of it.
     "l3_w1a8_lr2e3_e9": [*W1A8_3L, "quantize.lr=2e-3", "quantize.max_epochs=9"],
 })  # fmt: skip
@@ -155,6 +156,7 @@ LABELS = {
     "l3_w1a8_lr5e4_nodecay": "3L W1A8, quantize lr 5e-4, no latent decay",
     "l3_w1a8_latent_lr20": "3L W1A8, latent weights at lr 2e-3, the rest at 1e-4",
     "l3_w1a8_latent_lr40": "3L W1A8, latent weights at lr 4e-3, the rest at 1e-4",
+    "l3_w2a8_latent_lr20": "3L W2A8, latent weights at lr 2e-3, the rest at 1e-4",
     "l3_w1a8_lr2e3_e9": "3L W1A8, quantize lr 2e-3, 9 quantize epochs",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
@@ -374,6 +376,7 @@ SCREEN = [
     *(v for v in VARIANTS if v.startswith("l3_w1a8_") and VARIANT_TASKS.get(v) is None),
     "l3_w2a8",
     "l3_w2a8_ref",
+    "l3_w2a8_latent_lr20",
 ]
 
 
