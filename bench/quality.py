@@ -84,7 +84,7 @@ VARIANTS.update({
     "l3_w1a8_nodecay": [*W1A8_3L, NO_DECAY],
     "l3_w1a8_ramp": [*W1A8_3L, NO_DECAY, "recipe.progressive=ramp", "recipe.progressive_epochs=1"],
     "l3_w1a8_ternary": [*W1A8_3L, NO_DECAY, "recipe.progressive=ternary", "recipe.progressive_epochs=1"],
-    "l3_w1a8_latent_lr5": [*W1A8_3L, NO_DECAY, "recipe.latent_lr_scale=5"],
+    "l3_w1a8_latent_lr5": [*W1A8_3L, NO_DECAY, "recipe.latent_lr=5e-4"],
     "l3_w1a8_att01": [*W1A8_3L, "recipe.attention_scale=0.1"],
     # trade-offs, not 1-bit models: query and key (the most damaged part) at 8 or 2 bits
     "l3_w1a8_qk8": [*W1A8_3L, "quant.weight_by_target={query:{method:symmetric,bits:8},key:{method:symmetric,bits:8}}"],
@@ -98,7 +98,7 @@ VARIANTS.update({
     "l3_w1a8_qk2_ref": ["student=l3", "quant=binary_qk2", "quantize.max_epochs=18", "quantize.warmup_epochs=1", "quantize.lr=5e-5"],
     # Few signs flip at lr 1e-4 (1.1% in 100 steps): move the latent weights faster instead of longer.
     "l3_w1a8_lr5e4": [*W1A8_3L, "quantize.lr=5e-4"],
-    "l3_w1a8_qk2_latent_lr5": ["student=l3", "quant=binary_qk2", NO_DECAY, "recipe.latent_lr_scale=5"],
+    "l3_w1a8_qk2_latent_lr5": ["student=l3", "quant=binary_qk2", NO_DECAY, "recipe.latent_lr=5e-4"],
     # Distil the binary student from its own fp32 self, layer for layer (TernaryBERT / BinaryBERT).
     "l3_w1a8_self": [*W1A8_3L, "recipe.teacher=fp32_student"],
     # The quantize lr sweep (Hydra multirun does the same: `-m quantize.lr=5e-4,1e-3,2e-3`).
@@ -111,11 +111,11 @@ VARIANTS.update({
     "l3_w1a8_lr5e4_nodecay": [*W1A8_3L, NO_DECAY, "quantize.lr=5e-4"],
     # Is it the latent weights that want the high lr, or everything? Latent weights at 2e-3, the
     # rest (LayerNorms, biases, position embeddings, head) at 1e-4.
-    "l3_w1a8_latent_lr20": [*W1A8_3L, "recipe.latent_lr_scale=20"],
-    "l3_w1a8_latent_lr40": [*W1A8_3L, "recipe.latent_lr_scale=40"],
-    "l3_w2a8_latent_lr20": ["student=l3", "quant=ternary", "recipe.latent_lr_scale=20"],
+    "l3_w1a8_latent_lr20": [*W1A8_3L, "recipe.latent_lr=2e-3"],
+    "l3_w1a8_latent_lr40": [*W1A8_3L, "recipe.latent_lr=4e-3"],
+    "l3_w2a8_latent_lr20": ["student=l3", "quant=ternary", "recipe.latent_lr=2e-3"],
     # Latent 2e-3 was still rising at its last epoch (48.1, 67.5, 69.3): twice the budget on top.
-    "l3_w1a8_latent_lr20_e6": [*W1A8_3L, "recipe.latent_lr_scale=20", "quantize.max_epochs=6"],
+    "l3_w1a8_latent_lr20_e6": [*W1A8_3L, "recipe.latent_lr=2e-3", "quantize.max_epochs=6"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]

@@ -51,7 +51,8 @@ def recipe(**kw) -> Recipe:
         ({"progressive": "ramp", "progressive_epochs": 0}, W1A8, "a number in (0, quantize.max_epochs=3)"),
         ({"progressive_epochs": 1}, W1A8, "needs recipe.progressive=ramp or ternary (it is none)"),
         ({"progressive": "ternary", "progressive_epochs": 1}, W2A8, "needs quant.weight.method=binary, not ternary"),
-        ({"latent_lr_scale": 0}, W1A8, "recipe.latent_lr_scale=0.0 is not accepted: a number > 0"),
+        ({"latent_lr": 0}, W1A8, "recipe.latent_lr=0.0 is not accepted: a number > 0, or null"),
+        ({"latent_lr": "fast"}, W1A8, "recipe.latent_lr='fast' is not accepted: a finite number"),
         ({"latent_weight_decay": -0.1}, W1A8, "recipe.latent_weight_decay=-0.1 is not accepted: a number >= 0"),
         ({"attention_scale": float("nan")}, W1A8, "recipe.attention_scale=nan is not accepted: a finite number"),
         ({"progressive": "ramp", "progressive_epochs": 1}, QuantConfig(), "needs quantized weights"),
@@ -152,7 +153,7 @@ def distill_module(r: Recipe, quant: QuantConfig = W1A8) -> DistillModule:
 
 
 def test_latent_weights_get_their_own_lr_and_decay():
-    module = distill_module(recipe(latent_lr_scale=10.0, latent_weight_decay=0.0))
+    module = distill_module(recipe(latent_lr=1e-2, latent_weight_decay=0.0))
     groups = module.configure_optimizers()["optimizer"].param_groups
     latent = {id(p) for p in latent_weights(module.student)}
     assert len(latent) == 13

@@ -89,7 +89,7 @@ def test_one_point_of_each_sweep_runs_a_fast_dev_run(path, tmp_path, glue_dir, t
 def test_readme_sweep_commands(tmp_path, glue_dir, tiny_bert_dir):
     """The README's five lines: the three local ones run as written (plus a tiny model, debug=fast,
     this venv and a two-point copy of the grid file); the two wandb ones name real files/projects."""
-    multirun, quantize_lr, _, make, create, agent = readme_commands("## Running a sweep")  # optuna: below
+    multirun, latent_lr, _, make, create, agent = readme_commands("## Running a sweep")  # optuna: below
     tiny = [f"model.name_or_path={tiny_bert_dir}", "debug=fast", "num_threads=2"]
     env = {**os.environ, "GLUE_DIR": str(glue_dir)}
 
@@ -105,16 +105,16 @@ def test_readme_sweep_commands(tmp_path, glue_dir, tiny_bert_dir):
         1e-4,
     ]
 
-    # the quantize stage's lr alone: the teacher and the fp32 student train once, then come from the cache
-    assert quantize_lr[:4] == ["python", "train.py", "-m", "hparams_search=quantize_lr"]
-    root = tmp_path / "quantize_lr"
-    cmd = [sys.executable, *quantize_lr[1:], *tiny, "student.num_layers=1", f"paths.root_dir={root}"]
+    # the latent weights' lr alone: the teacher and the fp32 student train once, then come from the cache
+    assert latent_lr[:4] == ["python", "train.py", "-m", "hparams_search=latent_lr"]
+    root = tmp_path / "latent_lr"
+    cmd = [sys.executable, *latent_lr[1:], *tiny, "student.num_layers=1", f"paths.root_dir={root}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     paths = list(root.glob("runs/debug/*/multirun-*/*/results.json"))
     points = [read_record(p, p.parent) for p in paths]
-    lrs = [OmegaConf.load(p.parent / "config_resolved.yaml").quantize.lr for p in paths]
-    assert sorted(lrs) == [1e-4, 5e-4, 1e-3]
+    lrs = [OmegaConf.load(p.parent / "config_resolved.yaml").recipe.latent_lr for p in paths]
+    assert sorted(lrs) == [5e-4, 1e-3, 2e-3]
     assert all(r["task"] == "stsb" and r["stages"]["quantize"]["bits"]["weights"] == 1 for r in points)
     for stage in ("teacher", "reduce"):
         assert sorted(bool(r["stages"][stage].get("cached")) for r in points) == [False, True, True]

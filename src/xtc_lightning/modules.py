@@ -53,7 +53,7 @@ def adamw_with_linear_schedule(
 
     Only trainable parameters are optimized (a distillation teacher has none). With a
     ``recipe``, the latent weights of quantized modules form their own group: lr
-    ``lr * recipe.latent_lr_scale``, decay ``recipe.latent_weight_decay``.
+    ``recipe.latent_lr`` (``lr`` when null) on the same schedule, decay ``recipe.latent_weight_decay``.
     """
     latent = {id(p) for p in latent_weights(module)} if recipe is not None else set()
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -68,7 +68,7 @@ def adamw_with_linear_schedule(
             {
                 "params": [p for n, p in named if id(p) in latent],
                 "weight_decay": recipe.latent_weight_decay,
-                "lr": lr * recipe.latent_lr_scale,
+                "lr": lr if recipe.latent_lr is None else recipe.latent_lr,
             }
         )
     optimizer = torch.optim.AdamW(

@@ -9,7 +9,7 @@ the same state)::
     name: xtc                   # label
     progressive: none           # none | ramp | ternary  (how the student reaches its bit-width)
     progressive_epochs: 0.0     # length of that phase, in quantize epochs (may be fractional)
-    latent_lr_scale: 1.0        # lr of the quantized latent weights = quantize.lr * this
+    latent_lr: null             # lr of the quantized latent weights (null: the stage's lr)
     latent_weight_decay: 0.01   # AdamW decay of the quantized latent weights
     attention_scale: 1.0        # quantize stage: distill.weights.attention * this
     scale_gradient: false       # binary / ternary scales get a gradient too
@@ -66,7 +66,7 @@ class Recipe:
     name: str = "xtc"
     progressive: str = "none"
     progressive_epochs: float = 0.0
-    latent_lr_scale: float = 1.0
+    latent_lr: float | None = None
     latent_weight_decay: float = 0.01
     attention_scale: float = 1.0
     scale_gradient: bool = False
@@ -107,9 +107,11 @@ class Recipe:
                 f"recipe.progressive=ternary hands ternary weights over to binary ones: it needs "
                 f"quant.weight.method=binary, not {quant.weight.method}"
             )
-        lr_scale = _number(d.get("latent_lr_scale", cls.latent_lr_scale), "recipe.latent_lr_scale")
-        if lr_scale <= 0:
-            raise UserError(f"recipe.latent_lr_scale={lr_scale} is not accepted: a number > 0")
+        latent_lr = d.get("latent_lr", cls.latent_lr)
+        if latent_lr is not None:
+            latent_lr = _number(latent_lr, "recipe.latent_lr")
+            if latent_lr <= 0:
+                raise UserError(f"recipe.latent_lr={latent_lr} is not accepted: a number > 0, or null")
         scale_grad = d.get("scale_gradient", cls.scale_gradient)
         if not isinstance(scale_grad, bool):
             raise UserError(f"recipe.scale_gradient={scale_grad!r} is not accepted: true or false")
@@ -125,7 +127,7 @@ class Recipe:
             name=name,
             progressive=progressive,
             progressive_epochs=epochs,
-            latent_lr_scale=lr_scale,
+            latent_lr=latent_lr,
             latent_weight_decay=_non_negative(
                 d.get("latent_weight_decay", cls.latent_weight_decay), "recipe.latent_weight_decay"
             ),
