@@ -41,6 +41,7 @@ TASKS = ["mrpc", "cola", "stsb", "rte", "sst2"]
 COMMON = [
     "data.max_length=128", "data.batch_size=32", "teacher.max_epochs=3", "teacher.lr=1e-4",
     "reduce.max_epochs=3", "reduce.lr=1e-4", "quantize.max_epochs=3", "quantize.lr=1e-4",
+    "recipe=xtc",  # the paper's step 2; the screen's variants add levers to it (fast_latent: latent_lr=2e-3)
 ]  # fmt: skip
 TASK_OVERRIDES = {"sst2": ["data.max_train_examples=8000"]}
 # Augmented W1A8 (embedding neighbours, offline; the distillation stages only; later overrides

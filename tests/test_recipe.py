@@ -166,6 +166,18 @@ def test_latent_weights_get_their_own_lr_and_decay():
     assert sum(len(g["params"]) for g in groups) == len(trainable)
 
 
+def test_eight_bit_weights_train_at_the_stage_lr():
+    """The latent-weight group holds binary and ternary weights only: an 8-bit code changes with
+    small steps, so recipe.latent_lr (made for sign flips) leaves 4/8-bit weights alone."""
+    w8a8 = QuantConfig(name="w8a8", weight=WeightSpec("symmetric", 8, "row"), activation=A8, word_embeddings=True)
+    module = distill_module(Recipe.from_dict({"latent_lr": 1e-2}, w8a8, quantize_epochs=3), w8a8)
+    assert latent_weights(module.student) == []
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert len(groups) == 2 and all(g["lr"] == 1e-3 for g in groups)
+    ternary = distill_module(Recipe.from_dict({"latent_lr": 1e-2}, W2A8, quantize_epochs=3), W2A8)
+    assert len(latent_weights(ternary.student)) == 13
+
+
 def test_training_follows_the_recipe_and_evaluation_sees_the_final_form():
     module = distill_module(recipe(progressive="ternary", progressive_epochs=1, attention_scale=0.5))
     assert module.weights["attention"] == 0.5 and module.weights["hidden"] == 1.0

@@ -4,12 +4,12 @@ Plain XTC (``recipe=xtc``) quantizes every target from the first step and optimi
 latent full-precision weights like any other weight. A small model (MiniLM, hidden 384)
 loses most of its accuracy at that first step and recovers slowly, so the recipe adds
 levers, each one key, each a pure function of the optimizer step (a resumed run recomputes
-the same state)::
+the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_lr: 2e-3``::
 
     name: xtc                   # label
     progressive: none           # none | ramp | ternary  (how the student reaches its bit-width)
     progressive_epochs: 0.0     # length of that phase, in quantize epochs (may be fractional)
-    latent_lr: null             # lr of the quantized latent weights (null: the stage's lr)
+    latent_lr: null             # lr of the binary/ternary latent weights (null: the stage's lr)
     latent_weight_decay: 0.01   # AdamW decay of the quantized latent weights
     attention_scale: 1.0        # quantize stage: distill.weights.attention * this
     scale_gradient: false       # binary / ternary scales get a gradient too

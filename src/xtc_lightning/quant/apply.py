@@ -183,7 +183,16 @@ def set_weight_form(
     return len(modules)
 
 
+# The 1- and 2-bit methods: a weight's code changes only when its latent weight crosses a
+# threshold (0 for binary, the per-group ±Δ for ternary), however the gradient pushes it.
+LOW_BIT_METHODS = ("binary", "ternary")
+
+
 def latent_weights(model: nn.Module) -> list[nn.Parameter]:
-    """The latent full-precision weights behind quantized weights (what the recipe's optimizer
-    settings for latent weights apply to)."""
-    return [m.weight for m in model.modules() if isinstance(m, QUANT_MODULES) and m.weight_spec.enabled]
+    """The latent full-precision weights behind binary and ternary weights (what the recipe's
+    optimizer settings for latent weights apply to; 4- and 8-bit weights train like fp32 ones)."""
+    return [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, QUANT_MODULES) and m.weight_spec.method in LOW_BIT_METHODS
+    ]
