@@ -72,7 +72,12 @@ def test_epilogue_kernels_equal_the_compiled_functions_outputs_with_none_kept():
         assert len(gelu_codes.kernels) == 1 and len(norm.kernels) == 1
 
 
-def test_compiled_runtime_after_warm_up_follows_new_shapes(tmp_path):
+def test_compiled_runtime_after_warm_up_follows_new_shapes(tmp_path, monkeypatch):
+    import xtc_lightning.inference.kernels as kernels
+
+    outside = []  # calls that ran eagerly (outside the kernels' rules): none in a runtime forward
+    signature_of = kernels.signature
+    monkeypatch.setattr(kernels, "signature", lambda args: signature_of(args) or outside.append(args))
     path = packed_w1a8(tmp_path)
     reference, fast = load_packed(path), load_runtime(path)
     one_token = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
@@ -88,5 +93,6 @@ def test_compiled_runtime_after_warm_up_follows_new_shapes(tmp_path):
                 assert torch.equal(out.argmax(-1), ref.argmax(-1))
             # new batch sizes and lengths (one token included) ran on the warmed-up kernels
             assert {n: len(k.kernels) for n, k in _COMPILED.items() if hasattr(k, "kernels")} == built
+        assert not outside  # LayerNorm weights are parameters (requires_grad): still the kernels
     finally:
         torch.set_num_threads(before)

@@ -14,7 +14,8 @@ its sizes except the rows of a 2-D tensor, and its strides (contiguous tensors o
 the intra-op thread count (inductor's CPU kernels are compiled for one thread count).
 A kernel traced with a symbolic row count is valid for any row count >= 1; all 2-D tensors
 of one call must share it (true of every call site here, and checked). Calls outside these
-rules (a non-contiguous tensor, rows that differ or are 0, an argument of another type) run
+rules (a non-contiguous tensor, rows that differ or are 0, an argument of another type, a
+tensor requiring grad while autograd records) run
 the plain function eagerly, so nothing is ever computed by a kernel built for other inputs.
 """
 
@@ -84,7 +85,7 @@ def _fill(args: tuple, tensors) -> tuple:
 def signature(args: tuple) -> tuple | None:
     """What a kernel is compiled for, or None if ``args`` are outside ``Precompiled``'s rules."""
     key: list = [torch.get_num_threads()]
-    rows = None
+    rows, grad = None, torch.is_grad_enabled()
     for a in args:
         if type(a) is tuple:
             if not all(type(b) in _PLAIN or isinstance(b, Tensor) for b in a):
@@ -96,8 +97,8 @@ def signature(args: tuple) -> tuple | None:
         if not isinstance(a, Tensor):
             key.append((type(a), a))
             continue
-        if not a.is_contiguous() or a.layout != torch.strided or a.requires_grad:
-            return None
+        if not a.is_contiguous() or a.layout != torch.strided or (a.requires_grad and grad):
+            return None  # (parameters, e.g. LayerNorm weights, require grad: fine without autograd)
         if a.dim() == 2:
             if rows is None:
                 rows = a.shape[0]
