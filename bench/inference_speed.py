@@ -416,7 +416,8 @@ def report(result: dict, command: str) -> str:
         f"CPU capability {result['cpu_capability']}, flags {' '.join(result['cpu_flags'])}). "
         "Side by side in one process, rotating order, median of each round's calls, ratios paired per "
         "round then median over rounds. Load average at the start: "
-        f"{result['load_average']}; absolute times move with the machine's load, the ratios are the result.",
+        f"{result['load_average']}; absolute times move with the machine's load, the ratios are the result."
+        + (f" {result['note']}" if result.get("note") else ""),
         "",
         "Models: the fp32 6-layer MiniLM teacher; the 3-layer student (teacher layers 1/3/5) in fp32; "
         "the same student with binary per-row weights and per-token int8 activations (W1A8) as a packed "
@@ -511,6 +512,9 @@ def main() -> None:
         "--correctness-sentences", type=int, default=None, help="first N SST-2 dev sentences (default: all)"
     )
     ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
+    ap.add_argument(
+        "--note", default="", help="a sentence on the run's conditions, printed after the load average"
+    )
     args = ap.parse_args()
     if args.correctness_sentences is not None and args.correctness_sentences < 1:
         ap.error(f"--correctness-sentences: {args.correctness_sentences}: must be >= 1")
@@ -533,6 +537,7 @@ def main() -> None:
         "cpu_flags": cpu_flags(),
         "machine": platform.machine(),
         "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "note": args.note,
         "correctness": correctness(models, tokenizer, sentences[: args.correctness_sentences]),
         "memory": memory(models, file_bytes),
     }
