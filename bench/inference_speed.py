@@ -232,7 +232,9 @@ ROUTES = """Routes tried for the fused integer linear (this issue), measured in 
 - **inductor max-autotune over `_int_mm`**: not applicable on CPU in torch 2.13: `tuned_int_mm` offers only the ATen kernel and Triton/CUTLASS templates; its CPU int8 GEMM template is reached only through the freezing pass that rewrites `_int_mm -> mul(x_scale) -> mul(w_scale)` into `onednn.qlinear_pointwise` with a prepacked weight and the per-token scale applied after it, i.e. the route kept above, taken directly (no freezing, no whole-model compile).
 - **torchao int8 dynamic-activation / int8-weight** (torchao 0.18 installs from PyPI): its CPU linear is `torch._int_mm` followed by the two scale multiplications, i.e. the `_int_mm` route; not timed separately. Its activation quantizer multiplies by a reciprocal scale, which can move a code by one step at a rounding boundary, so it would not keep the fake-quant codes.
 - **Batch 1**: inputs of <= 64 real tokens run on one thread (`SERIAL_TOKENS`), and a batch without padding skips the scatter to the attention grid.
-- **Memory**: word embeddings as bit-packed rows dequantized after the lookup (`BitRowsEmbedding`, bit-identical), linear codes kept bit-packed (`Int8Linear.compact`); the prepacked oneDNN copy is one int8 byte per weight, so the default stays above 2x the file; `low_memory=True` drops it and unpacks each linear's codes at its call (`runtime_w1a8_3L_lowmem`: the measured speed cost is in the tables)."""
+- **Batch 1: the compiled kernels called without dynamo** (`inference/kernels.py`, `Precompiled`, issue 17 follow-up): kept. dynamo's per-call work (frame evaluation, cache lookup and guards, compiled-region wrappers) around the ~16 kernel calls of a forward was ~30% of the batch-1 time. Each kernel is now exported (`torch.export`, rows symbolic) and compiled by inductor (`standalone_compile`) once per signature (non-tensor argument values, dtypes, static widths, contiguous strides, thread count), then found by a dict lookup; its outputs equal the dynamo-compiled kernel's bit for bit (checked call by call on 4 x 128 full rows). Paired against the dynamo-compiled kernels with the quality runs paused (5 rounds; another session's test suite still ran): batch 1 1.17x faster at 1 thread (6.6 vs 7.0 ms), 1.22x at 2 threads (4.8 vs 5.9 ms); 32 x 128 padded 1.08x / 0.96x, full rows 0.92x / 1.13x (1 / 2 threads; one call per round, within those rows' noise). The batch-1 profile is now ~48% oneDNN's int8 GEMM (~175 us a call on 12 tokens, 4x what a microbenchmark of the same shape gives; not explained yet), dynamo's share gone.
+- **`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`**: not kept: 1.00x at batch 1 (paired, loaded machine: the guards left are the tensor guards, which it still evaluates), and unsafe here: a non-tensor guard (qmax, gelu, LayerNorm eps) becomes one it checks only after it has failed once, so a kernel compiled for another model's signature could run silently.
+- **Memory**: word embeddings as bit-packed rows dequantized after the lookup (`BitRowsEmbedding`, bit-identical), linear codes kept bit-packed (`Int8Linear.compact`); the prepacked oneDNN copy is one int8 byte per weight, so the default stays above 2x the file; `low_memory=True` drops it and unpacks each linear's codes at its call (`runtime_w1a8_3L_lowmem`: the measured speed cost is in the tables). Middle options measured (paired against the default with the quality runs paused, 5 rounds, 1 / 2 threads): prepacked copies for the FFN linears only, the attention linears unpacking their bits per call into `torch._int_mm` (1.95x the file): full rows 1.18x / 1.38x slower, padded 1.23x / 1.21x, batch 1 1.65x / 1.69x: not kept (the issue allows 5%). Dropping the bit-packed codes of prepacked linears (2.24x the file, no speed cost: `to_dense()` of the prepacked weight gives the codes back) is not kept either: it is still above 2x and the runtime's weights would leave its state dict, which `torch.export` of the default runtime traces. Prepacking at each call from the bits (1.0x) costs a weight reorder of ~20-27% of a 4096-row GEMM's time (microbenchmark, loaded machine): not tried in the model."""
 
 
 def onnxruntime_version() -> str | None:
@@ -414,7 +416,8 @@ def report(result: dict, command: str) -> str:
         f"CPU capability {result['cpu_capability']}, flags {' '.join(result['cpu_flags'])}). "
         "Side by side in one process, rotating order, median of each round's calls, ratios paired per "
         "round then median over rounds. Load average at the start: "
-        f"{result['load_average']}; absolute times move with the machine's load, the ratios are the result.",
+        f"{result['load_average']}; absolute times move with the machine's load, the ratios are the result."
+        + (f" {result['note']}" if result.get("note") else ""),
         "",
         "Models: the fp32 6-layer MiniLM teacher; the 3-layer student (teacher layers 1/3/5) in fp32; "
         "the same student with binary per-row weights and per-token int8 activations (W1A8) as a packed "
@@ -509,6 +512,9 @@ def main() -> None:
         "--correctness-sentences", type=int, default=None, help="first N SST-2 dev sentences (default: all)"
     )
     ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
+    ap.add_argument(
+        "--note", default="", help="a sentence on the run's conditions, printed after the load average"
+    )
     args = ap.parse_args()
     if args.correctness_sentences is not None and args.correctness_sentences < 1:
         ap.error(f"--correctness-sentences: {args.correctness_sentences}: must be >= 1")
@@ -531,6 +537,7 @@ def main() -> None:
         "cpu_flags": cpu_flags(),
         "machine": platform.machine(),
         "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "note": args.note,
         "correctness": correctness(models, tokenizer, sentences[: args.correctness_sentences]),
         "memory": memory(models, file_bytes),
     }

@@ -4,6 +4,8 @@
                 prepacked, per-row scale in the GEMM's epilogue, else ``torch._int_mm``), then one
                 compiled epilogue: scales and bias, the folded GELU, residual add + LayerNorm, and
                 the next linear's int8 input codes (``fold_quantize``)
+    kernels.py  ``Precompiled``: the epilogues and the quantizer as inductor kernels compiled once per
+                static signature and called without dynamo (no guard checks per call)
     unpad.py    padding removal: the encoder runs over the real tokens only (``UnpaddedForward``)
     qkv.py      QKV fusion: linears of one parent reading the same input as one GEMM (``FusedSiblings``)
     bitrows.py  weight codes kept bit-packed, row by row: the word embeddings (``BitRowsEmbedding``)

@@ -12,7 +12,7 @@ int8 matrix built once at load (or bit-packed, ``Int8Linear.compact``).
 
 The GEMM runs on oneDNN's prepacked weight with the per-row scale in its epilogue
 (``onednn_gemm``) where this torch build has it, else as ``torch._int_mm``. What follows it
-runs in one ``torch.compile``'d epilogue (``epilogue``): the per-token scale and bias, and
+runs in one compiled epilogue (inductor, ``kernels.py``) (``epilogue``): the per-token scale and bias, and
 the exact GELU (``fold_gelu``) or the residual add and LayerNorm of HF's output blocks
 (``Int8ResidualNorm``, ``fold_residual_norm``). Where that output is the input of the next int8
 linear, the same kernel also computes that linear's int8 codes (``epilogue_codes``,
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xtc_lightning.inference.bitrows import SIGNED_METHODS, pack_rows, unpack_rows
+from xtc_lightning.inference.kernels import Precompiled
 from xtc_lightning.quant import QuantLinear, WeightCodes, weight_codes
 from xtc_lightning.quant.int8 import INT8_MAX, quantize_per_token, token_scale
 from xtc_lightning.quant.quantizers import activation_qparams, activation_qrange
@@ -125,27 +126,18 @@ _KERNELS = {
 }
 
 
-def _compiled(name: str):
-    """``torch.compile`` (inductor) of a ``_KERNELS`` function, built once.
+def _compiled(name: str) -> Precompiled:
+    """The inductor kernels of a ``_KERNELS`` function (``Precompiled``), built once per signature.
 
     The row count (tokens) of every 2-D tensor argument is dynamic, the feature widths are
     static: one kernel per layer width, with fixed-length vectorized inner loops (fully
-    dynamic shapes made the GELU epilogue ~2x slower on 4096 x 1536).
+    dynamic shapes made the GELU epilogue ~2x slower on 4096 x 1536). The kernels are called
+    without dynamo (no guard checks per call: at batch 1 these calls were ~30% of the time).
     """
     fn = _COMPILED.get(name)
     if fn is None:
-        # one graph per (layer width, epilogue variant, GEMM route): more than dynamo's default 8
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         function, options = _KERNELS[name]
-        kernel = torch.compile(function, dynamic=False, options=options or None)
-
-        def fn(*args):
-            for a in args:
-                if isinstance(a, Tensor) and a.dim() == 2:
-                    torch._dynamo.maybe_mark_dynamic(a, 0)
-            return kernel(*args)
-
-        _COMPILED[name] = fn
+        fn = _COMPILED[name] = Precompiled(function, options)
     return fn
 
 
@@ -240,7 +232,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
         self.register_buffer("act_scale", act_scale)
         self.act_qmax = act_qmax
-        self.compiled = False  # use the torch.compile'd (fused) quantize / epilogue kernels
+        self.compiled = False  # use the compiled (fused, ``Precompiled``) quantize / epilogue kernels
         self.gelu = False  # apply the exact GELU in the epilogue (``fold_gelu``)
         self.packed_weight: Prepacked | None = None  # oneDNN's prepacked weight_int8 (``onednn_prepack``)
         self.codes_spec: tuple[str, int] | None = None  # (method, bits) of codes that ``compact`` can pack

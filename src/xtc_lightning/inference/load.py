@@ -37,8 +37,9 @@ def optimize_for_inference(
     dequantized fp32 behaviour. ``attn_implementation`` ("sdpa", "eager" or None to keep
     the model's) switches the attention kernel; the fake-quant reference uses eager, sdpa
     gives the same logits up to float rounding and is faster. ``compile`` runs the
-    activation quantizer and the int32 -> fp32 rescale as ``torch.compile``'d fused
-    kernels (first call compiles, ~20 s; falls back to eager ops if compiling fails).
+    activation quantizer and the int32 -> fp32 rescale as fused inductor kernels
+    (``Precompiled``: compiled at the first call of each signature and thread count, ~20 s;
+    eager ops where compiling fails).
     ``fuse_siblings`` runs the int8 linears of one parent module that read the same input
     (query / key / value) as one GEMM (``FusedSiblings``). ``unpad`` installs ``UnpaddedForward`` (BERT-style
     classifiers; see the module docstring). ``prepack`` runs the GEMMs on oneDNN's prepacked

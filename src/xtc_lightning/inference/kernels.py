@@ -1,0 +1,151 @@
+"""Inductor kernels called without dynamo: compiled once per static signature, found by a dict lookup.
+
+A ``torch.compile``'d function pays dynamo on every call: frame evaluation, the cache
+lookup and its guard checks, and the compiled region's wrappers. The runtime makes ~16
+such calls per forward (activation quantizer and epilogues); at batch 1 they were ~30% of
+its time. ``Precompiled`` compiles the same function with the same inductor, but ahead of
+the call: ``torch.export`` traces it with the rows of its 2-D tensors dynamic (tokens) and
+everything else static, and ``torch._inductor.standalone_compile`` builds the kernel;
+later calls with the same *signature* run that kernel directly.
+
+The signature is the guard, computed by us: the value of every non-tensor argument
+(``bool``, ``int``, ``float``, ``None``, flattened from tuples), for every tensor its dtype,
+its sizes except the rows of a 2-D tensor, and its strides (contiguous tensors only), and
+the intra-op thread count (inductor's CPU kernels are compiled for one thread count).
+A kernel traced with a symbolic row count is valid for any row count >= 1; all 2-D tensors
+of one call must share it (true of every call site here, and checked). Calls outside these
+rules (a non-contiguous tensor, rows that differ or are 0, an argument of another type, a
+tensor requiring grad while autograd records) run
+the plain function eagerly, so nothing is ever computed by a kernel built for other inputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+_PLAIN = (bool, int, float, type(None))
+
+
+class Precompiled:
+    """``fn`` as inductor kernels keyed by the call's signature (see the module docstring).
+
+    ``options`` are inductor config values set while compiling (``torch._inductor.config``).
+    A signature whose export or compilation fails runs ``fn`` eagerly (one warning).
+    """
+
+    def __init__(self, fn: Callable, options: dict | None = None):
+        self.fn, self.options = fn, dict(options or {})
+        self.kernels: dict[tuple, Callable] = {}
+
+    def __call__(self, *args):
+        key = signature(args)
+        if key is None:
+            return self.fn(*args)
+        kernel = self.kernels.get(key)
+        if kernel is None:
+            kernel = self.kernels[key] = self._build(args)
+        return kernel([a for a in _leaves(args) if isinstance(a, Tensor)])
+
+    def _build(self, args: tuple) -> Callable:
+        try:
+            return _compile(self.fn, args, self.options)
+        except Exception as e:  # noqa: BLE001 - any export / inductor failure: this signature runs eagerly
+            warnings.warn(
+                f"{self.fn.__name__}: compiling failed, eager ops instead ({e!r:.200})", stacklevel=3
+            )
+            fn = self.fn
+            return lambda tensors: fn(*_fill(args, iter(tensors)))
+
+
+def _leaves(args: tuple) -> list:
+    """The arguments with tuples flattened (one level deep, as the epilogues' ``norm``)."""
+    out = []
+    for a in args:
+        if type(a) is tuple:
+            out.extend(a)
+        else:
+            out.append(a)
+    return out
+
+
+def _fill(args: tuple, tensors) -> tuple:
+    """``args`` with each tensor replaced by the next of ``tensors``."""
+
+    def one(a):
+        return next(tensors) if isinstance(a, Tensor) else a
+
+    return tuple(tuple(one(b) for b in a) if type(a) is tuple else one(a) for a in args)
+
+
+def signature(args: tuple) -> tuple | None:
+    """What a kernel is compiled for, or None if ``args`` are outside ``Precompiled``'s rules."""
+    key: list = [torch.get_num_threads()]
+    rows, grad = None, torch.is_grad_enabled()
+    for a in args:
+        if type(a) is tuple:
+            if not all(type(b) in _PLAIN or isinstance(b, Tensor) for b in a):
+                return None
+            key.append(len(a))
+        elif type(a) not in _PLAIN and not isinstance(a, Tensor):
+            return None
+    for a in _leaves(args):
+        if not isinstance(a, Tensor):
+            key.append((type(a), a))
+            continue
+        if not a.is_contiguous() or a.layout != torch.strided or (a.requires_grad and grad):
+            return None  # (parameters, e.g. LayerNorm weights, require grad: fine without autograd)
+        if a.dim() == 2:
+            if rows is None:
+                rows = a.shape[0]
+            if a.shape[0] != rows or rows < 1:
+                return None
+            key.append((a.dtype, 2, a.shape[1], a.device))
+        else:
+            key.append((a.dtype, tuple(a.shape), a.device))
+    return tuple(key)
+
+
+class _Traced(nn.Module):
+    """``fn`` with the call's non-tensor arguments fixed: the module ``torch.export`` traces."""
+
+    def __init__(self, fn: Callable, args: tuple):
+        super().__init__()
+        self.fn, self.args = fn, args
+
+    def forward(self, *tensors):
+        leaves = pytree.tree_leaves(self.fn(*_fill(self.args, iter(tensors))))
+        return tuple(t for t in leaves if isinstance(t, Tensor))  # export's graphs return tensors only
+
+
+def _compile(fn: Callable, args: tuple, options: dict) -> Callable:
+    """The kernel for ``args``' signature: ``(tensors) -> fn(*args)``, rows symbolic."""
+    with torch.inference_mode(False), torch.no_grad():
+        # example inputs of 2 rows: a row count of 1 would be specialized by export
+        examples = [
+            torch.zeros((2, *t.shape[1:]) if t.dim() == 2 else t.shape, dtype=t.dtype, device=t.device)
+            for t in _leaves(args)
+            if isinstance(t, Tensor)
+        ]
+        rows = torch.export.Dim("rows", min=1)
+        dynamic = tuple({0: rows} if t.dim() == 2 else None for t in examples)
+        program = torch.export.export(_Traced(fn, args), tuple(examples), dynamic_shapes=(dynamic,))
+        # the output's structure and its non-tensor leaves (e.g. None), from one eager call
+        leaves, spec = pytree.tree_flatten(fn(*_fill(args, iter(examples))))
+        with torch._inductor.config.patch(options):
+            artifact = torch._inductor.standalone_compile(
+                program.graph_module, examples, dynamic_shapes="from_graph"
+            )
+    tensor_out = [isinstance(t, Tensor) for t in leaves]
+
+    def kernel(tensors: list[Tensor]):
+        out = iter(artifact(*tensors))
+        return pytree.tree_unflatten(
+            [next(out) if t else c for t, c in zip(tensor_out, leaves, strict=True)], spec
+        )
+
+    return kernel
