@@ -10,6 +10,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import tiny_classifier
+from xtc_lightning.config import OptimConfig
+from xtc_lightning.distill import DistillConfig
 from xtc_lightning.errors import UserError
 from xtc_lightning.modules import DistillModule
 from xtc_lightning.quant import (
@@ -29,13 +31,15 @@ TERNARY = WeightSpec("ternary", 2, "row")
 A8 = ActivationSpec("symmetric", 8, "dynamic")
 W1A8 = QuantConfig(name="w1a8", weight=BINARY, activation=A8, word_embeddings=True)
 W2A8 = QuantConfig(name="w2a8", weight=TERNARY, activation=A8, word_embeddings=True)
-XTC_DISTILL = {
-    "name": "xtc",
-    "temperature": 1.0,
-    "weights": {"logits": 1.0, "attention": 1.0, "hidden": 1.0, "ground_truth": 0.0},
-    "intermediate_fraction": 0.0,
-}
-OPTIM = {"weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8, "warmup_epochs": 0.0}
+XTC_DISTILL = DistillConfig.from_dict(
+    {
+        "name": "xtc",
+        "temperature": 1.0,
+        "weights": {"logits": 1.0, "attention": 1.0, "hidden": 1.0, "ground_truth": 0.0},
+        "intermediate_fraction": 0.0,
+    }
+)
+OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_epochs=0.0, betas=(0.9, 0.999), eps=1e-8)
 
 
 def recipe(**kw) -> Recipe:
@@ -285,11 +289,11 @@ def test_quantize_stage_has_its_own_warmup(tmp_path):
 
     cfg, _ = compose_job_config(["optim.warmup_epochs=0.1", "quantize.warmup_epochs=1.0"], tmp_path / "run")
     config = run_config(cfg)
-    assert config.stage_optim("quantize") == {**config.optim.as_dict(), "warmup_epochs": 1.0}
-    assert config.stage_optim("reduce") == config.optim.as_dict()
-    assert config.optim.as_dict()["warmup_epochs"] == 0.1
+    assert config.stage_optim("quantize").as_dict() == {**config.optim.as_dict(), "warmup_epochs": 1.0}
+    assert config.stage_optim("reduce") == config.optim
+    assert config.optim.warmup_epochs == 0.1
     default, _ = compose_job_config(["optim.warmup_epochs=0.1"], tmp_path / "run")  # the YAML default
-    assert run_config(default).stage_optim("quantize")["warmup_epochs"] == 0.1
+    assert run_config(default).stage_optim("quantize").warmup_epochs == 0.1
 
 
 @pytest.mark.parametrize("quant", ["binary", "ternary"])

@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from xtc_lightning.augment import AugmentConfig, check_masked_lm
-from xtc_lightning.distill import check_distill_config
+from xtc_lightning.distill import DistillConfig
 from xtc_lightning.errors import UserError, check_exact_keys
 from xtc_lightning.export.format import STORED_DTYPES
 from xtc_lightning.quant import QuantConfig
@@ -177,12 +177,12 @@ class OptimConfig:
         _number("optim.eps", d["eps"])
         return cls(d["lr"], d["weight_decay"], d["warmup_epochs"], tuple(betas), d["eps"])
 
-    def as_dict(self, warmup_epochs: float | None = None) -> dict:
-        """The plain dict the modules and the cache key take (``warmup_epochs`` replaced if given)."""
+    def as_dict(self) -> dict:
+        """The group as given: the cache key and the checkpoints' hyperparameters."""
         return {
             "lr": self.lr,
             "weight_decay": self.weight_decay,
-            "warmup_epochs": self.warmup_epochs if warmup_epochs is None else warmup_epochs,
+            "warmup_epochs": self.warmup_epochs,
             "betas": list(self.betas),
             "eps": self.eps,
         }
@@ -335,7 +335,7 @@ class RunConfig:
     model: ModelConfig
     student: StudentConfig
     quant: QuantConfig
-    distill: Mapping  # checked by distill.check_distill_config, kept as given (a cache key part)
+    distill: DistillConfig
     recipe: Recipe
     augment: AugmentConfig
     optim: OptimConfig
@@ -353,9 +353,11 @@ class RunConfig:
     def stage_config(self, stage: str) -> StageConfig:
         return {"teacher": self.teacher, "reduce": self.reduce, "quantize": self.quantize}[stage]
 
-    def stage_optim(self, stage: str) -> dict:
+    def stage_optim(self, stage: str) -> OptimConfig:
         """A trained stage's optimizer settings: ``optim``, with the quantize stage's own warm-up."""
-        return self.optim.as_dict(self.quantize.warmup_epochs if stage == "quantize" else None)
+        if stage == "quantize":
+            return replace(self.optim, warmup_epochs=self.quantize.warmup_epochs)
+        return self.optim
 
     @property
     def shaping(self) -> dict:
@@ -454,7 +456,7 @@ def run_config(cfg: DictConfig) -> RunConfig:
     task = get_task((c.get("task") or {}).get("name"))
     quant = QuantConfig.from_dict(c["quant"])
     recipe = Recipe.from_dict(c["recipe"], quant, stages["quantize"].max_epochs)
-    check_distill_config(c["distill"])
+    distill = DistillConfig.from_dict(c["distill"])
     check_model_source(model.name_or_path)
     augment = AugmentConfig.from_dict(c["augment"])
     if augment.method == "mlm" and augment.applies_to(task.name) and c["stage"] != "teacher":
@@ -472,7 +474,7 @@ def run_config(cfg: DictConfig) -> RunConfig:
         model=model,
         student=student,
         quant=quant,
-        distill=c["distill"],
+        distill=distill,
         recipe=recipe,
         augment=augment,
         optim=optim,
