@@ -40,16 +40,26 @@ XTC_DISTILL = DistillConfig.from_dict(
     }
 )
 OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_epochs=0.0, betas=(0.9, 0.999), eps=1e-8)
+XTC_RECIPE = {  # conf/recipe/xtc.yaml, its latent_weight_decay resolved (optim.weight_decay)
+    "name": "xtc",
+    "progressive": "none",
+    "progressive_epochs": 0.0,
+    "latent_lr_scale": 1.0,
+    "latent_weight_decay": 0.01,
+    "attention_scale": 1.0,
+    "scale_gradient": False,
+    "teacher": "teacher",
+}
 
 
 def recipe(**kw) -> Recipe:
-    return Recipe.from_dict(kw, W1A8, quantize_epochs=3)
+    return Recipe.from_dict({**XTC_RECIPE, **kw}, W1A8, quantize_epochs=3)
 
 
 @pytest.mark.parametrize(
     ("given", "quant", "message"),
     [
-        ({"progresive": "ramp"}, W1A8, "unknown key recipe.progresive"),
+        ({"progresive": "ramp"}, W1A8, "recipe: unknown keys ['progresive'] / missing keys []"),
         ({"progressive": "linear"}, W1A8, "recipe.progressive='linear' is not accepted: none | ramp | ternary"),
         ({"progressive": "ramp", "progressive_epochs": 3}, W1A8, "a number in (0, quantize.max_epochs=3)"),
         ({"progressive": "ramp", "progressive_epochs": 0}, W1A8, "a number in (0, quantize.max_epochs=3)"),
@@ -66,8 +76,16 @@ def recipe(**kw) -> Recipe:
 )  # fmt: skip
 def test_bad_recipes_fail_in_one_line(given, quant, message):
     with pytest.raises(UserError, match=None) as err:
-        Recipe.from_dict(given, quant, quantize_epochs=3)
+        Recipe.from_dict({**XTC_RECIPE, **given}, quant, quantize_epochs=3)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_recipe_without_a_key_is_refused():
+    given = {k: v for k, v in XTC_RECIPE.items() if k != "latent_weight_decay"}
+    with pytest.raises(
+        UserError, match=r"recipe: unknown keys \[\] / missing keys \['latent_weight_decay'\]"
+    ):
+        Recipe.from_dict(given, W1A8, quantize_epochs=3)
 
 
 def test_ramp_schedule_by_hand():
@@ -251,7 +269,7 @@ def test_ternary_phase_leaves_mixed_precision_roles_alone():
         }
     )
     module = distill_module(
-        Recipe.from_dict({"progressive": "ternary", "progressive_epochs": 1}, mixed, 3), mixed
+        Recipe.from_dict({**XTC_RECIPE, "progressive": "ternary", "progressive_epochs": 1}, mixed, 3), mixed
     )
     attention = module.student.bert.encoder.layer[0].attention.self
     module.on_train_batch_start(None, 0)
