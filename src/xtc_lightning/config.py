@@ -283,9 +283,11 @@ class ExportConfig:
 @dataclass(frozen=True)
 class TrainerConfig:
     """``trainer``: ``lightning.Trainer`` arguments, passed through as given (``max_epochs`` is each
-    stage's own); ``precision`` and a ddp launch are checked here."""
+    stage's own); ``precision``, ``log_every_n_steps`` (also the interval of the plain progress
+    lines) and a ddp launch are checked here."""
 
     arguments: Mapping
+    log_every_n_steps: int
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TrainerConfig:
@@ -294,18 +296,25 @@ class TrainerConfig:
 
         if not isinstance(d, Mapping):
             raise UserError(f"trainer must be a mapping of lightning.Trainer arguments, got {d!r}")
-        if d.get("precision") not in PRECISIONS:
+        for key in ("precision", "log_every_n_steps"):
+            if key not in d:
+                raise UserError(
+                    f"trainer.{key} is missing: the trainer config must set it (conf/trainer/cpu.yaml)"
+                )
+        if d["precision"] not in PRECISIONS:
             raise UserError(
-                f"trainer.precision '{d.get('precision')}' is not accepted; choose one of: {', '.join(PRECISIONS)}"
+                f"trainer.precision '{d['precision']}' is not accepted; choose one of: {', '.join(PRECISIONS)}"
             )
+        _positive_int("trainer.log_every_n_steps", d["log_every_n_steps"])
         launched_outside = any(v in os.environ for v in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
-        spawns = str(d.get("strategy", "auto")).startswith("ddp") and not launched_outside
+        # an absent strategy is Lightning's default, "auto": one process
+        spawns = str(d.get("strategy")).startswith("ddp") and not launched_outside
         if spawns and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise UserError(
                 "a ddp trainer cannot start its processes inside a local multirun (-m); "
                 "run the sweep through hydra/launcher=slurm, or one run per command"
             )
-        return cls(dict(d))
+        return cls(dict(d), d["log_every_n_steps"])
 
     def limits(self) -> dict:
         """The settings that cut a run short (``fast_dev_run``, ``limit_*_batches``): a run with any of
