@@ -84,6 +84,7 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(
 
 
 def test_the_frozen_teacher_is_outside_ddp(tiny_bert_dir):
+    from xtc_lightning.config import run_config
     from xtc_lightning.distill import enable_attention_scores
     from xtc_lightning.models import load_classifier
     from xtc_lightning.modules import DistillModule
@@ -91,9 +92,10 @@ def test_the_frozen_teacher_is_outside_ddp(tiny_bert_dir):
     from xtc_lightning.tasks import get_task
 
     cfg, _ = compose_job_config(["task=rte", f"model.name_or_path={tiny_bert_dir}"], Path("/tmp/unused"))
-    teacher = enable_attention_scores(load_classifier(cfg.model, get_task("rte")))
+    config = run_config(cfg)
+    teacher = enable_attention_scores(load_classifier(config.model, get_task("rte")))
     student = build_student(teacher, [1])
-    module = DistillModule(teacher, student, "rte", [1], dict(cfg.distill), dict(cfg.optim), 1e-3)
+    module = DistillModule(teacher, student, "rte", [1], config.distill, config.optim, 1e-3)
     ignored = set(module._ddp_params_and_buffers_to_ignore)
     teacher_names = {f"teacher.{n}" for n, _ in teacher.named_parameters()}
     assert teacher_names and teacher_names <= ignored

@@ -1,6 +1,7 @@
 """KD losses on hand-made tensors, the attention-scores implementation, and the schedules."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,8 +12,8 @@ from omegaconf import OmegaConf
 from conftest import tiny_classifier
 from xtc_lightning.distill import (
     SCORES_IMPLEMENTATION,
+    DistillConfig,
     attention_loss,
-    check_distill_config,
     distill_forward,
     distill_losses,
     enable_attention_scores,
@@ -315,13 +316,13 @@ def test_end_to_end_losses_do_not_depend_on_padded_tokens(arch):
 # ----------------------------------------------------------------------------- schedules
 
 
-def preset(name):
-    return OmegaConf.load(CONF / f"{name}.yaml")
+def preset(name) -> DistillConfig:
+    return DistillConfig.from_dict(OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml")))
 
 
 def test_xtc_is_one_stage_with_all_kd_losses():
     cfg = preset("xtc")
-    assert check_distill_config(cfg)["name"] == "xtc"
+    assert cfg.name == "xtc"
     for epoch in range(3):
         assert loss_weights_at(cfg, epoch, 3) == {
             "logits": 1.0,
@@ -345,7 +346,7 @@ def test_two_stage_switches_from_intermediate_to_prediction():
         loss_weights_at(cfg, 0, 1)
     with pytest.raises(UserError, match="two-stage distillation needs trainer.max_epochs >= 2, got -1"):
         loss_weights_at(cfg, 0, -1)
-    tenth = {**OmegaConf.to_container(cfg), "intermediate_fraction": 0.1}
+    tenth = replace(cfg, intermediate_fraction=0.1)
     with pytest.raises(UserError, match="gives 0 intermediate epoch"):
         loss_weights_at(tenth, 0, 4)
     assert loss_weights_at(tenth, 0, 10) == intermediate and loss_weights_at(tenth, 1, 10) == prediction
@@ -391,13 +392,30 @@ def test_logits_only_and_none():
     ],
 )
 def test_distill_config_validation(change, message):
-    cfg = {**OmegaConf.to_container(preset("two_stage")), **change}
+    cfg = {**preset("two_stage").as_dict(), **change}
     with pytest.raises(UserError, match=message):
-        check_distill_config(cfg)
+        DistillConfig.from_dict(cfg)
 
 
 def test_distill_config_missing_key():
-    cfg = OmegaConf.to_container(preset("xtc"))
+    cfg = preset("xtc").as_dict()
     del cfg["temperature"]
     with pytest.raises(UserError, match=r"missing keys \['temperature'\]"):
-        loss_weights_at(cfg, 0, 1)
+        DistillConfig.from_dict(cfg)
+
+
+def test_distill_config_keeps_the_values_as_given():
+    """The reduced student's cache key hashes ``as_dict()``: an int stays an int."""
+    given = {
+        **preset("xtc").as_dict(),
+        "temperature": 2,
+        "weights": {"logits": 1, "attention": 0.5, "hidden": 0, "ground_truth": 0},
+    }
+    config = DistillConfig.from_dict(given)
+    assert config.as_dict() == given and isinstance(config.as_dict()["temperature"], int)
+    assert loss_weights_at(config, 0, 1) == {
+        "logits": 1.0,
+        "attention": 0.5,
+        "hidden": 0.0,
+        "ground_truth": 0.0,
+    }

@@ -169,6 +169,17 @@ def test_presets_and_defaults_pass_run_config(tmp_path, tiny_bert12_dir, preset)
         run_config(cfg)
 
 
+def test_every_bad_value_is_its_own_error_line(tmp_path, tiny_bert_dir):
+    """Bad values in different groups are all reported, one ``error:`` line each, before any work."""
+    proc = run_train([*tiny_args(tiny_bert_dir), "data.batch_size=0", "distill.temperature=0"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: data.batch_size=0 is not accepted: expected an integer >= 1",
+        "error: distill 'xtc': temperature=0 is invalid: expected a number > 0",
+    ]
+    assert "Traceback" not in proc.stderr and not list(tmp_path.glob("runs/*/*"))
+
+
 def test_bad_student_is_refused_before_the_teacher_trains(tmp_path, glue_dir, tiny_bert_dir):
     proc = run_train(tiny_args(tiny_bert_dir, "student.layers=[0,99]"), tmp_path, glue_dir)
     one_error(proc, r"invalid index 99: expected integers from 0 to 1 \(the teacher has 2 layers")

@@ -10,6 +10,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import tiny_classifier
+from xtc_lightning.config import OptimConfig
+from xtc_lightning.distill import DistillConfig
 from xtc_lightning.errors import UserError
 from xtc_lightning.modules import DistillModule
 from xtc_lightning.quant import (
@@ -29,23 +31,35 @@ TERNARY = WeightSpec("ternary", 2, "row")
 A8 = ActivationSpec("symmetric", 8, "dynamic")
 W1A8 = QuantConfig(name="w1a8", weight=BINARY, activation=A8, word_embeddings=True)
 W2A8 = QuantConfig(name="w2a8", weight=TERNARY, activation=A8, word_embeddings=True)
-XTC_DISTILL = {
+XTC_DISTILL = DistillConfig.from_dict(
+    {
+        "name": "xtc",
+        "temperature": 1.0,
+        "weights": {"logits": 1.0, "attention": 1.0, "hidden": 1.0, "ground_truth": 0.0},
+        "intermediate_fraction": 0.0,
+    }
+)
+OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, warmup_epochs=0.0, betas=(0.9, 0.999), eps=1e-8)
+XTC_RECIPE = {  # conf/recipe/xtc.yaml, its latent_weight_decay resolved (optim.weight_decay)
     "name": "xtc",
-    "temperature": 1.0,
-    "weights": {"logits": 1.0, "attention": 1.0, "hidden": 1.0, "ground_truth": 0.0},
-    "intermediate_fraction": 0.0,
+    "progressive": "none",
+    "progressive_epochs": 0.0,
+    "latent_lr": None,
+    "latent_weight_decay": 0.01,
+    "attention_scale": 1.0,
+    "scale_gradient": False,
+    "teacher": "teacher",
 }
-OPTIM = {"weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8, "warmup_epochs": 0.0}
 
 
 def recipe(**kw) -> Recipe:
-    return Recipe.from_dict(kw, W1A8, quantize_epochs=3)
+    return Recipe.from_dict({**XTC_RECIPE, **kw}, W1A8, quantize_epochs=3)
 
 
 @pytest.mark.parametrize(
     ("given", "quant", "message"),
     [
-        ({"progresive": "ramp"}, W1A8, "unknown key recipe.progresive"),
+        ({"progresive": "ramp"}, W1A8, "recipe: unknown keys ['progresive'] / missing keys []"),
         ({"progressive": "linear"}, W1A8, "recipe.progressive='linear' is not accepted: none | ramp | ternary"),
         ({"progressive": "ramp", "progressive_epochs": 3}, W1A8, "a number in (0, quantize.max_epochs=3)"),
         ({"progressive": "ramp", "progressive_epochs": 0}, W1A8, "a number in (0, quantize.max_epochs=3)"),
@@ -63,8 +77,16 @@ def recipe(**kw) -> Recipe:
 )  # fmt: skip
 def test_bad_recipes_fail_in_one_line(given, quant, message):
     with pytest.raises(UserError, match=None) as err:
-        Recipe.from_dict(given, quant, quantize_epochs=3)
+        Recipe.from_dict({**XTC_RECIPE, **given}, quant, quantize_epochs=3)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_recipe_without_a_key_is_refused():
+    given = {k: v for k, v in XTC_RECIPE.items() if k != "latent_weight_decay"}
+    with pytest.raises(
+        UserError, match=r"recipe: unknown keys \[\] / missing keys \['latent_weight_decay'\]"
+    ):
+        Recipe.from_dict(given, W1A8, quantize_epochs=3)
 
 
 def test_ramp_schedule_by_hand():
@@ -170,11 +192,11 @@ def test_eight_bit_weights_train_at_the_stage_lr():
     """The latent-weight group holds binary and ternary weights only: an 8-bit code changes with
     small steps, so recipe.latent_lr (made for sign flips) leaves 4/8-bit weights alone."""
     w8a8 = QuantConfig(name="w8a8", weight=WeightSpec("symmetric", 8, "row"), activation=A8, word_embeddings=True)
-    module = distill_module(Recipe.from_dict({"latent_lr": 1e-2}, w8a8, quantize_epochs=3), w8a8)
+    module = distill_module(Recipe.from_dict({**XTC_RECIPE, "latent_lr": 1e-2}, w8a8, quantize_epochs=3), w8a8)
     assert latent_weights(module.student) == []
     groups = module.configure_optimizers()["optimizer"].param_groups
     assert len(groups) == 2 and all(g["lr"] == 1e-3 for g in groups)
-    ternary = distill_module(Recipe.from_dict({"latent_lr": 1e-2}, W2A8, quantize_epochs=3), W2A8)
+    ternary = distill_module(Recipe.from_dict({**XTC_RECIPE, "latent_lr": 1e-2}, W2A8, quantize_epochs=3), W2A8)
     assert len(latent_weights(ternary.student)) == 13
 
 
@@ -260,7 +282,7 @@ def test_ternary_phase_leaves_mixed_precision_roles_alone():
         }
     )
     module = distill_module(
-        Recipe.from_dict({"progressive": "ternary", "progressive_epochs": 1}, mixed, 3), mixed
+        Recipe.from_dict({**XTC_RECIPE, "progressive": "ternary", "progressive_epochs": 1}, mixed, 3), mixed
     )
     attention = module.student.bert.encoder.layer[0].attention.self
     module.on_train_batch_start(None, 0)
@@ -298,11 +320,11 @@ def test_quantize_stage_has_its_own_warmup(tmp_path):
 
     cfg, _ = compose_job_config(["optim.warmup_epochs=0.1", "quantize.warmup_epochs=1.0"], tmp_path / "run")
     config = run_config(cfg)
-    assert config.stage_optim("quantize") == {**config.optim.as_dict(), "warmup_epochs": 1.0}
-    assert config.stage_optim("reduce") == config.optim.as_dict()
-    assert config.optim.as_dict()["warmup_epochs"] == 0.1
+    assert config.stage_optim("quantize").as_dict() == {**config.optim.as_dict(), "warmup_epochs": 1.0}
+    assert config.stage_optim("reduce") == config.optim
+    assert config.optim.warmup_epochs == 0.1
     default, _ = compose_job_config(["optim.warmup_epochs=0.1"], tmp_path / "run")  # the YAML default
-    assert run_config(default).stage_optim("quantize")["warmup_epochs"] == 0.1
+    assert run_config(default).stage_optim("quantize").warmup_epochs == 0.1
 
 
 @pytest.mark.parametrize("quant", ["binary", "ternary"])

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose_job_config, readme_commands, run_train, train_command
+from xtc_lightning.config import OptimConfig
 from xtc_lightning.errors import UserError
 from xtc_lightning.results import read_record
 from xtc_lightning.resume import check_resume, resume_checkpoint
@@ -177,7 +178,10 @@ def fit_three_epochs(folder: Path, tiny_bert_dir, glue_dir, every: int, ckpt=Non
         eval_batch_size=64, max_train_examples=64, num_workers=0, cache_dir=None, seed=0,
     )  # fmt: skip
     module = ClassifierModule(
-        load_classifier(cfg.model, task), "rte", OmegaConf.to_container(cfg.optim), 1e-3
+        load_classifier(cfg.model, task),
+        "rte",
+        OptimConfig.from_dict(OmegaConf.to_container(cfg.optim)),
+        1e-3,
     )
     best = ModelCheckpoint(dirpath=folder, filename="best-{step}", monitor="val/score", mode="max")
     callbacks = [best, LastCheckpoint(folder, every), RngState(), *([snapshot] if snapshot else [])]

@@ -2,7 +2,8 @@
 
 ``run_config(cfg)`` runs at the start of ``pipeline.run``, before the run folder is touched: it
 reads every group of the composed ``DictConfig`` into a frozen dataclass (``RunConfig`` holds one
-per group), checking each value as it goes; the first bad value raises one ``UserError`` line.
+per group), checking each value as it goes; all the problems found raise one ``UserError`` with
+one line each (``errors.Problems``).
 Everything below the pipeline receives these objects, never the ``DictConfig``. A new setting is
 read and checked here, next to the others, so that no value is first looked at hours into a run.
 The checks read files (the teacher's ``config.json``) but never load weights or write anything.
@@ -16,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from xtc_lightning.augment import AugmentConfig, check_masked_lm
-from xtc_lightning.distill import check_distill_config
-from xtc_lightning.errors import UserError, check_exact_keys
+from xtc_lightning.distill import DistillConfig
+from xtc_lightning.errors import Problems, UserError, check_exact_keys
 from xtc_lightning.export.format import STORED_DTYPES
 from xtc_lightning.quant import QuantConfig
 from xtc_lightning.recipe import Recipe
@@ -177,12 +178,12 @@ class OptimConfig:
         _number("optim.eps", d["eps"])
         return cls(d["lr"], d["weight_decay"], d["warmup_epochs"], tuple(betas), d["eps"])
 
-    def as_dict(self, warmup_epochs: float | None = None) -> dict:
-        """The plain dict the modules and the cache key take (``warmup_epochs`` replaced if given)."""
+    def as_dict(self) -> dict:
+        """The group as given: the cache key and the checkpoints' hyperparameters."""
         return {
             "lr": self.lr,
             "weight_decay": self.weight_decay,
-            "warmup_epochs": self.warmup_epochs if warmup_epochs is None else warmup_epochs,
+            "warmup_epochs": self.warmup_epochs,
             "betas": list(self.betas),
             "eps": self.eps,
         }
@@ -283,9 +284,11 @@ class ExportConfig:
 @dataclass(frozen=True)
 class TrainerConfig:
     """``trainer``: ``lightning.Trainer`` arguments, passed through as given (``max_epochs`` is each
-    stage's own); ``precision`` and a ddp launch are checked here."""
+    stage's own, its default); ``precision``, ``log_every_n_steps`` (also the interval of the plain
+    progress lines), ``max_epochs`` and a ddp launch are checked here."""
 
     arguments: Mapping
+    log_every_n_steps: int
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TrainerConfig:
@@ -294,18 +297,26 @@ class TrainerConfig:
 
         if not isinstance(d, Mapping):
             raise UserError(f"trainer must be a mapping of lightning.Trainer arguments, got {d!r}")
-        if d.get("precision") not in PRECISIONS:
+        for key in ("precision", "log_every_n_steps", "max_epochs"):
+            if key not in d:
+                raise UserError(
+                    f"trainer.{key} is missing: the trainer config must set it (conf/trainer/cpu.yaml)"
+                )
+        if d["precision"] not in PRECISIONS:
             raise UserError(
-                f"trainer.precision '{d.get('precision')}' is not accepted; choose one of: {', '.join(PRECISIONS)}"
+                f"trainer.precision '{d['precision']}' is not accepted; choose one of: {', '.join(PRECISIONS)}"
             )
+        _positive_int("trainer.log_every_n_steps", d["log_every_n_steps"])
+        _integer("trainer.max_epochs", d["max_epochs"])  # the stages' default budget
         launched_outside = any(v in os.environ for v in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
-        spawns = str(d.get("strategy", "auto")).startswith("ddp") and not launched_outside
+        # an absent strategy is Lightning's default, "auto": one process
+        spawns = str(d.get("strategy")).startswith("ddp") and not launched_outside
         if spawns and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise UserError(
                 "a ddp trainer cannot start its processes inside a local multirun (-m); "
                 "run the sweep through hydra/launcher=slurm, or one run per command"
             )
-        return cls(dict(d))
+        return cls(dict(d), d["log_every_n_steps"])
 
     def limits(self) -> dict:
         """The settings that cut a run short (``fast_dev_run``, ``limit_*_batches``): a run with any of
@@ -335,7 +346,7 @@ class RunConfig:
     model: ModelConfig
     student: StudentConfig
     quant: QuantConfig
-    distill: Mapping  # checked by distill.check_distill_config, kept as given (a cache key part)
+    distill: DistillConfig
     recipe: Recipe
     augment: AugmentConfig
     optim: OptimConfig
@@ -353,9 +364,11 @@ class RunConfig:
     def stage_config(self, stage: str) -> StageConfig:
         return {"teacher": self.teacher, "reduce": self.reduce, "quantize": self.quantize}[stage]
 
-    def stage_optim(self, stage: str) -> dict:
+    def stage_optim(self, stage: str) -> OptimConfig:
         """A trained stage's optimizer settings: ``optim``, with the quantize stage's own warm-up."""
-        return self.optim.as_dict(self.quantize.warmup_epochs if stage == "quantize" else None)
+        if stage == "quantize":
+            return replace(self.optim, warmup_epochs=self.quantize.warmup_epochs)
+        return self.optim
 
     @property
     def shaping(self) -> dict:
@@ -370,20 +383,25 @@ class RunConfig:
         }
 
 
-def _check_run_keys(c: Mapping) -> None:
-    """``stage``, ``progress``, ``seed``, ``resume``, ``num_threads``, ``checkpoint``."""
+def _check_run_keys(c: Mapping, problems: Problems) -> None:
+    """``stage``, ``progress``, ``seed``, ``resume``, ``num_threads``, ``checkpoint``: one problem each."""
     if c["stage"] not in STAGES:
-        raise UserError(f"unknown stage '{c['stage']}'; choose one of: {', '.join(STAGES)}")
+        problems.add(f"unknown stage '{c['stage']}'; choose one of: {', '.join(STAGES)}")
     if c["progress"] not in PROGRESS:
-        raise UserError(f"progress={c['progress']!r} is not accepted; choose one of: {', '.join(PROGRESS)}")
+        problems.add(f"progress={c['progress']!r} is not accepted; choose one of: {', '.join(PROGRESS)}")
     if not _is_int(c["seed"]):
-        raise UserError(f"seed={c['seed']!r} is not accepted: expected an integer")
+        problems.add(f"seed={c['seed']!r} is not accepted: expected an integer")
     if c["resume"] not in RESUME_CHOICES:
-        raise UserError(f"resume '{c['resume']}' is not accepted; choose one of: auto, true, false")
-    _positive_int("num_threads", c["num_threads"], allow_none=True)
-    every = _group(c["checkpoint"], "checkpoint", ("every_n_train_steps",))["every_n_train_steps"]
+        problems.add(f"resume '{c['resume']}' is not accepted; choose one of: auto, true, false")
+    problems.check(_positive_int, "num_threads", c["num_threads"], allow_none=True)
+    problems.check(_checkpoint_every, c["checkpoint"])
+
+
+def _checkpoint_every(d) -> int | None:
+    every = _group(d, "checkpoint", ("every_n_train_steps",))["every_n_train_steps"]
     if every is not None and (not _is_int(every) or every < 1):
         raise UserError(f"checkpoint.every_n_train_steps must be a positive integer or null, not {every!r}")
+    return every
 
 
 def model_config(model: ModelConfig, checkpoint: str | None):
@@ -420,47 +438,69 @@ def _check_model_type(config, name: str) -> None:
 
 
 def _student(d: Mapping, stage: str, teacher_config) -> StudentConfig:
-    """``student``, its layers checked against the teacher's depth when a student is built (an
-    unknown depth still refuses empty, duplicate, negative and zero-count selections)."""
+    """``student``, its layers checked against the teacher's depth when a student is built (in a
+    teacher-only run or at an unknown depth, still its keys and empty, duplicate, negative and
+    zero-count selections)."""
     from xtc_lightning.models import num_layers_of
     from xtc_lightning.student import layers_from_config
 
-    if stage != "teacher":
+    depth = None
+    if stage != "teacher" and teacher_config is not None:
         try:
-            depth = None if teacher_config is None else num_layers_of(teacher_config)
+            depth = num_layers_of(teacher_config)
         except UserError:
             depth = None
-        layers_from_config(d, depth if depth is not None else 10**6)
-    layers = d.get("layers")
-    return StudentConfig(d.get("name"), None if layers is None else tuple(layers), d.get("num_layers"))
+    layers_from_config(d, depth if depth is not None else 10**6)
+    layers = d["layers"]
+    return StudentConfig(d["name"], None if layers is None else tuple(layers), d["num_layers"])
+
+
+def _task(d) -> GlueTask:
+    """``task``: one key, ``name``, a task of the task table (``tasks.TASKS``)."""
+    return get_task(_group(d, "task", ("name",))["name"])
 
 
 def run_config(cfg: DictConfig) -> RunConfig:
-    """The composed config read into a ``RunConfig``, every value checked, in this order; the first
-    bad value raises a one-line ``UserError``."""
+    """The composed config read into a ``RunConfig``, every value checked. Unknown keys are refused
+    first; then every problem is reported, not only the first: the top-level values and each group
+    are checked on their own (in a group, its first bad value), and a check that needs another
+    group's value runs when that group passed; one ``UserError`` has one line per problem."""
     from xtc_lightning.models import check_model_source
 
-    check_known_keys(cfg)
+    check_known_keys(cfg)  # first and alone: the groups below would name an unknown key again
     c = OmegaConf.to_container(cfg, resolve=True)
-    _check_run_keys(c)
-    optim = OptimConfig.from_dict(c["optim"])
-    stages = {stage: StageConfig.from_dict(stage, c[stage]) for stage in TRAINED_STAGES}
-    data = DataConfig.from_dict(c["data"])
-    model = ModelConfig.from_dict(c["model"])
-    teacher_config = model_config(model, stages["teacher"].checkpoint)
-    if teacher_config is not None:
-        _check_model_type(teacher_config, stages["teacher"].checkpoint or model.name_or_path)
-    student = _student(c["student"], c["stage"], teacher_config)
-    task = get_task((c.get("task") or {}).get("name"))
-    quant = QuantConfig.from_dict(c["quant"])
-    recipe = Recipe.from_dict(c["recipe"], quant, stages["quantize"].max_epochs)
-    check_distill_config(c["distill"])
-    check_model_source(model.name_or_path)
-    augment = AugmentConfig.from_dict(c["augment"])
-    if augment.method == "mlm" and augment.applies_to(task.name) and c["stage"] != "teacher":
-        check_masked_lm(augment.mlm_model)  # now, not after an hour of teacher training
-    export = ExportConfig.from_dict(c["export"])
-    trainer = TrainerConfig.from_dict(c["trainer"])
+    problems = Problems()
+    check = problems.check
+    _check_run_keys(c, problems)
+    optim = check(OptimConfig.from_dict, c["optim"])
+    trainer = check(TrainerConfig.from_dict, c["trainer"])
+    # the stages' budgets default to optim, trainer.max_epochs and seed (interpolations): checked
+    # once those passed, so that one bad optim.lr is one line, not four
+    stages: dict[str, StageConfig | None] = dict.fromkeys(TRAINED_STAGES)
+    if not problems.lines:
+        stages = {stage: check(StageConfig.from_dict, stage, c[stage]) for stage in TRAINED_STAGES}
+    data = check(DataConfig.from_dict, c["data"])
+    model = check(ModelConfig.from_dict, c["model"])
+    teacher_config = None
+    if model is not None and stages["teacher"] is not None:
+        teacher_config = model_config(model, stages["teacher"].checkpoint)
+        if teacher_config is not None:
+            check(_check_model_type, teacher_config, stages["teacher"].checkpoint or model.name_or_path)
+    student = check(_student, c["student"], c["stage"], teacher_config)
+    task = check(_task, c["task"])
+    quant = check(QuantConfig.from_dict, c["quant"])
+    recipe = None
+    if quant is not None and stages["quantize"] is not None:
+        recipe = check(Recipe.from_dict, c["recipe"], quant, stages["quantize"].max_epochs)
+    distill = check(DistillConfig.from_dict, c["distill"])
+    if model is not None:
+        check(check_model_source, model.name_or_path)
+    augment = check(AugmentConfig.from_dict, c["augment"])
+    builds_student = c["stage"] != "teacher" and task is not None
+    if builds_student and augment is not None and augment.method == "mlm" and augment.applies_to(task.name):
+        check(check_masked_lm, augment.mlm_model)  # now, not after an hour of teacher training
+    export = check(ExportConfig.from_dict, c["export"])
+    problems.raise_all()
     return RunConfig(
         stage=c["stage"],
         seed=c["seed"],
@@ -472,7 +512,7 @@ def run_config(cfg: DictConfig) -> RunConfig:
         model=model,
         student=student,
         quant=quant,
-        distill=c["distill"],
+        distill=distill,
         recipe=recipe,
         augment=augment,
         optim=optim,
@@ -484,7 +524,7 @@ def run_config(cfg: DictConfig) -> RunConfig:
         export=export,
         output_dir=Path(c["paths"]["output_dir"]).resolve(),
         cache_dir=Path(c["paths"]["cache_dir"]).resolve(),
-        loggers=c.get("logger") or {},
+        loggers=c.get("logger") or {},  # no logger group (~logger, logger=[]): no loggers
         resolved=c,
     )
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -282,41 +283,61 @@ def _check_weights(weights: Mapping, where: str) -> dict[str, float]:
     return out
 
 
-def check_distill_config(cfg: Mapping) -> dict:
-    """Validate a ``cfg.distill`` group; returns it as a plain dict. Call at startup.
+@dataclass(frozen=True)
+class DistillConfig:
+    """``distill``: the losses' weights, temperature and schedule; built and checked once, at startup.
 
-    Keys: ``name`` (str), ``temperature`` (> 0), ``weights`` ({logits, attention, hidden,
-    ground_truth}, each >= 0, not all 0), ``intermediate_fraction`` (in [0, 1): the first
+    ``name`` (str), ``temperature`` (> 0), ``weights`` ({logits, attention, hidden, ground_truth},
+    each >= 0, not all 0), ``intermediate_fraction`` (in [0, 1): the first
     ``intermediate_epochs(fraction, max_epochs)`` epochs (``fraction * max_epochs`` rounded half
     up) use only the attention+hidden losses, the rest only logits+ground_truth; 0 = one stage,
-    all losses together).
+    all losses together). Values are kept as given (an ``int`` weight stays an ``int``): the cache
+    key of the reduced student hashes ``as_dict()``. ``weights`` is not to be changed.
     """
-    if not isinstance(cfg, Mapping):
-        raise UserError(f"distill config must be a mapping with keys {list(DISTILL_KEYS)}, got {cfg!r}")
-    check_exact_keys(cfg, DISTILL_KEYS, "distill config")
-    name = cfg["name"]
-    if not isinstance(name, str) or not name:
-        raise UserError(f"distill.name={name!r} is invalid: expected a non-empty string")
-    t = cfg["temperature"]
-    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
-        raise UserError(f"distill '{name}': temperature={t!r} is invalid: expected a number > 0")
-    weights = _check_weights(cfg["weights"], f"'{name}' weights")
-    if not any(weights.values()):
-        raise UserError(f"distill '{name}': all loss weights are 0, nothing would be trained")
-    frac = cfg["intermediate_fraction"]
-    if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 <= frac < 1:
-        raise UserError(
-            f"distill '{name}': intermediate_fraction={frac!r} is invalid: expected a number in [0, 1)"
-        )
-    if frac > 0:
-        stage1 = weights["attention"] + weights["hidden"]
-        stage2 = weights["logits"] + weights["ground_truth"]
-        if stage1 == 0 or stage2 == 0:
+
+    name: str
+    temperature: float
+    weights: Mapping[str, float]
+    intermediate_fraction: float
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> DistillConfig:
+        """The ``distill`` group checked: the first bad value raises one ``UserError`` line."""
+        if not isinstance(d, Mapping):
+            raise UserError(f"distill config must be a mapping with keys {list(DISTILL_KEYS)}, got {d!r}")
+        check_exact_keys(d, DISTILL_KEYS, "distill config")
+        name = d["name"]
+        if not isinstance(name, str) or not name:
+            raise UserError(f"distill.name={name!r} is invalid: expected a non-empty string")
+        t = d["temperature"]
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
+            raise UserError(f"distill '{name}': temperature={t!r} is invalid: expected a number > 0")
+        weights = _check_weights(d["weights"], f"'{name}' weights")
+        if not any(weights.values()):
+            raise UserError(f"distill '{name}': all loss weights are 0, nothing would be trained")
+        frac = d["intermediate_fraction"]
+        if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 <= frac < 1:
             raise UserError(
-                f"distill '{name}': two-stage (intermediate_fraction={frac}) needs a weight > 0 in both stages: "
-                f"attention/hidden first, then logits/ground_truth"
+                f"distill '{name}': intermediate_fraction={frac!r} is invalid: expected a number in [0, 1)"
             )
-    return {"name": name, "temperature": float(t), "weights": weights, "intermediate_fraction": float(frac)}
+        if frac > 0:
+            stage1 = weights["attention"] + weights["hidden"]
+            stage2 = weights["logits"] + weights["ground_truth"]
+            if stage1 == 0 or stage2 == 0:
+                raise UserError(
+                    f"distill '{name}': two-stage (intermediate_fraction={frac}) needs a weight > 0 in both "
+                    f"stages: attention/hidden first, then logits/ground_truth"
+                )
+        return cls(name, t, {k: d["weights"][k] for k in LOSS_NAMES}, frac)
+
+    def as_dict(self) -> dict:
+        """The group as given: the reduced student's cache key and the checkpoints' hyperparameters."""
+        return {
+            "name": self.name,
+            "temperature": self.temperature,
+            "weights": dict(self.weights),
+            "intermediate_fraction": self.intermediate_fraction,
+        }
 
 
 def intermediate_epochs(fraction: float, max_epochs: int) -> int:
@@ -324,7 +345,7 @@ def intermediate_epochs(fraction: float, max_epochs: int) -> int:
     return math.floor(fraction * max_epochs + 0.5)
 
 
-def loss_weights_at(cfg: Mapping, epoch: int, max_epochs: int | None) -> dict[str, float]:
+def loss_weights_at(distill: DistillConfig, epoch: int, max_epochs: int | None) -> dict[str, float]:
     """Loss weights for ``epoch`` (0-based) of a run of ``max_epochs`` epochs.
 
     One stage (``intermediate_fraction == 0``): the configured weights throughout (``epoch`` and
@@ -332,21 +353,20 @@ def loss_weights_at(cfg: Mapping, epoch: int, max_epochs: int | None) -> dict[st
     ``< intermediate_epochs(fraction, max_epochs)`` keep only attention+hidden, later epochs only
     logits+ground_truth. Raises ``UserError`` if a stage would get no epoch.
     """
-    c = check_distill_config(cfg)
-    weights = dict(c["weights"])
-    frac = c["intermediate_fraction"]
+    weights = {k: float(v) for k, v in distill.weights.items()}
+    frac = distill.intermediate_fraction
     if frac == 0:
         return weights
     if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
         raise UserError(
-            f"distill '{c['name']}': two-stage distillation needs trainer.max_epochs >= 2, got {max_epochs!r}"
+            f"distill '{distill.name}': two-stage distillation needs trainer.max_epochs >= 2, got {max_epochs!r}"
         )
     if not 0 <= epoch < max_epochs:
         raise ValueError(f"epoch {epoch} outside [0, {max_epochs})")
     n = intermediate_epochs(frac, max_epochs)
     if not 0 < n < max_epochs:
         raise UserError(
-            f"distill '{c['name']}': intermediate_fraction={frac} of max_epochs={max_epochs} "
+            f"distill '{distill.name}': intermediate_fraction={frac} of max_epochs={max_epochs} "
             f"gives {n} intermediate epoch(s); both stages need at least one epoch"
         )
     off = ("logits", "ground_truth") if epoch < n else ("attention", "hidden")

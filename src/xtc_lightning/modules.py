@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from xtc_lightning.config import OptimConfig
 from xtc_lightning.distill import (
-    check_distill_config,
+    DistillConfig,
     distill_forward,
     distill_losses,
     loss_weights_at,
@@ -47,7 +48,7 @@ def log_train_losses(module: L.LightningModule, losses: dict[str, torch.Tensor])
 
 
 def adamw_with_linear_schedule(
-    module: L.LightningModule, optim: dict, lr: float, recipe: Recipe | None = None
+    module: L.LightningModule, optim: OptimConfig, lr: float, recipe: Recipe | None = None
 ):
     """AdamW (no decay on biases and LayerNorm weights), linear warm-up then linear decay to 0.
 
@@ -60,7 +61,7 @@ def adamw_with_linear_schedule(
     no_decay = [p for n, p in named if p.ndim < 2]  # biases, LayerNorm weights and biases
     decay = [p for n, p in named if p.ndim >= 2 and id(p) not in latent]
     groups = [
-        {"params": decay, "weight_decay": optim["weight_decay"]},
+        {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if latent:
@@ -74,13 +75,13 @@ def adamw_with_linear_schedule(
     optimizer = torch.optim.AdamW(
         groups,
         lr=lr,
-        betas=tuple(optim["betas"]),
-        eps=optim["eps"],
+        betas=optim.betas,
+        eps=optim.eps,
     )
     trainer = module.trainer
     total = max(1, int(trainer.estimated_stepping_batches))
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-    warmup = min(total, round(optim["warmup_epochs"] * total / epochs))
+    warmup = min(total, round(optim.warmup_epochs * total / epochs))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -138,9 +139,10 @@ class GlueModule(L.LightningModule):
 class ClassifierModule(GlueModule):
     """Fine-tune one model on the task's labels (the teacher stage)."""
 
-    def __init__(self, model: nn.Module, task_name: str, optim: dict, lr: float):
+    def __init__(self, model: nn.Module, task_name: str, optim: OptimConfig, lr: float):
         super().__init__(task_name)
-        self.save_hyperparameters({"task_name": task_name, "optim": optim, "lr": lr})
+        # plain values: the checkpoints are read back with weights_only=True
+        self.save_hyperparameters({"task_name": task_name, "optim": optim.as_dict(), "lr": lr})
         self.model = model.train()  # from_pretrained returns eval mode (dropout off)
         self.optim = optim
         self.lr = lr
@@ -173,15 +175,21 @@ class DistillModule(GlueModule):
         student: nn.Module,
         task_name: str,
         layers: list[int],
-        distill: dict,
-        optim: dict,
+        distill: DistillConfig,
+        optim: OptimConfig,
         lr: float,
         quant=None,
         recipe: Recipe | None = None,
     ):
         super().__init__(task_name)
-        self.save_hyperparameters(
-            {"task_name": task_name, "layers": list(layers), "distill": distill, "optim": optim, "lr": lr}
+        self.save_hyperparameters(  # plain values: the checkpoints are read back with weights_only=True
+            {
+                "task_name": task_name,
+                "layers": list(layers),
+                "distill": distill.as_dict(),
+                "optim": optim.as_dict(),
+                "lr": lr,
+            }
         )
         self.teacher = teacher.eval().requires_grad_(False)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -191,12 +199,12 @@ class DistillModule(GlueModule):
         )
         self.student = student.train()
         self.layers = list(layers)
-        self.distill = check_distill_config(distill)
+        self.distill = distill
         self.optim = optim
         self.lr = lr
         self.quant = quant
         self.recipe = recipe
-        self.weights = self._scaled(dict(self.distill["weights"]))
+        self.weights = self._scaled({k: float(v) for k, v in distill.weights.items()})
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -256,7 +264,7 @@ class DistillModule(GlueModule):
             inputs["attention_mask"],
             self.layers,
             w,
-            temperature=self.distill["temperature"],
+            temperature=self.distill.temperature,
             regression=self.task.is_regression,
             labels=batch["labels"],
         )

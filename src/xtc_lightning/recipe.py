@@ -10,7 +10,7 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
     progressive: none           # none | ramp | ternary  (how the student reaches its bit-width)
     progressive_epochs: 0.0     # length of that phase, in quantize epochs (may be fractional)
     latent_lr: null             # lr of the binary/ternary latent weights (null: the stage's lr)
-    latent_weight_decay: 0.01   # AdamW decay of the quantized latent weights
+    latent_weight_decay: ${optim.weight_decay}  # AdamW decay of the quantized latent weights
     attention_scale: 1.0        # quantize stage: distill.weights.attention * this
     scale_gradient: false       # binary / ternary scales get a gradient too
     teacher: teacher            # teacher | fp32_student: whom the quantize stage distils from
@@ -53,7 +53,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from xtc_lightning.errors import UserError
+from xtc_lightning.errors import UserError, check_exact_keys
 from xtc_lightning.quant.config import QuantConfig, WeightSpec
 from xtc_lightning.quant.quantizers import SCALE_GRADIENT_METHODS
 
@@ -63,31 +63,29 @@ TEACHERS = ("teacher", "fp32_student")
 
 @dataclass(frozen=True)
 class Recipe:
-    name: str = "xtc"
-    progressive: str = "none"
-    progressive_epochs: float = 0.0
-    latent_lr: float | None = None
-    latent_weight_decay: float = 0.01
-    attention_scale: float = 1.0
-    scale_gradient: bool = False
-    teacher: str = "teacher"
+    name: str
+    progressive: str
+    progressive_epochs: float
+    latent_lr: float | None
+    latent_weight_decay: float
+    attention_scale: float
+    scale_gradient: bool
+    teacher: str
 
     @classmethod
     def from_dict(cls, d: Mapping, quant: QuantConfig, quantize_epochs: int) -> Recipe:
-        """Validate ``cfg.recipe`` against the quant config and the quantize stage's epochs."""
+        """Validate ``cfg.recipe`` (every key above, no other) against the quant config and the
+        quantize stage's epochs."""
         if not isinstance(d, Mapping):
             raise UserError(f"recipe must be a mapping, got {d!r}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise UserError(f"unknown key recipe.{unknown[0]}; accepted: {', '.join(known)}")
-        name = d.get("name", cls.name)
+        check_exact_keys(d, [f.name for f in fields(cls)], "recipe")
+        name = d["name"]
         if not isinstance(name, str) or not name:
             raise UserError(f"recipe.name={name!r} is not accepted: a non-empty string")
-        progressive = d.get("progressive", cls.progressive)
+        progressive = d["progressive"]
         if progressive not in PROGRESSIVE:
             raise UserError(f"recipe.progressive={progressive!r} is not accepted: {' | '.join(PROGRESSIVE)}")
-        epochs = _number(d.get("progressive_epochs", cls.progressive_epochs), "recipe.progressive_epochs")
+        epochs = _number(d["progressive_epochs"], "recipe.progressive_epochs")
         if progressive == "none" and epochs != 0:
             raise UserError(
                 f"recipe.progressive_epochs={epochs} needs recipe.progressive=ramp or ternary (it is none)"
@@ -107,12 +105,12 @@ class Recipe:
                 f"recipe.progressive=ternary hands ternary weights over to binary ones: it needs "
                 f"quant.weight.method=binary, not {quant.weight.method}"
             )
-        latent_lr = d.get("latent_lr", cls.latent_lr)
+        latent_lr = d["latent_lr"]
         if latent_lr is not None:
             latent_lr = _number(latent_lr, "recipe.latent_lr")
             if latent_lr <= 0:
                 raise UserError(f"recipe.latent_lr={latent_lr} is not accepted: a number > 0, or null")
-        scale_grad = d.get("scale_gradient", cls.scale_gradient)
+        scale_grad = d["scale_gradient"]
         if not isinstance(scale_grad, bool):
             raise UserError(f"recipe.scale_gradient={scale_grad!r} is not accepted: true or false")
         if scale_grad and quant.weight.method not in SCALE_GRADIENT_METHODS:
@@ -120,7 +118,7 @@ class Recipe:
                 f"recipe.scale_gradient=true needs binary or ternary weights (quant.weight.method="
                 f"{quant.weight.method})"
             )
-        teacher = d.get("teacher", cls.teacher)
+        teacher = d["teacher"]
         if teacher not in TEACHERS:
             raise UserError(f"recipe.teacher={teacher!r} is not accepted: {' | '.join(TEACHERS)}")
         return cls(
@@ -128,12 +126,8 @@ class Recipe:
             progressive=progressive,
             progressive_epochs=epochs,
             latent_lr=latent_lr,
-            latent_weight_decay=_non_negative(
-                d.get("latent_weight_decay", cls.latent_weight_decay), "recipe.latent_weight_decay"
-            ),
-            attention_scale=_non_negative(
-                d.get("attention_scale", cls.attention_scale), "recipe.attention_scale"
-            ),
+            latent_weight_decay=_non_negative(d["latent_weight_decay"], "recipe.latent_weight_decay"),
+            attention_scale=_non_negative(d["attention_scale"], "recipe.attention_scale"),
             scale_gradient=scale_grad,
             teacher=teacher,
         )

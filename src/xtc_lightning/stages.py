@@ -226,7 +226,7 @@ class TeacherStage(Stage):
             return cached
         seed_stage(config.seed, self.name)
         model = load_classifier(config.model, task)
-        module = ClassifierModule(model, task.name, config.optim.as_dict(), config.teacher.lr)
+        module = ClassifierModule(model, task.name, config.optim, config.teacher.lr)
         result = fit_and_evaluate(ctx, self.name, module, config.teacher.max_epochs)
         result.params = count_parameters(model)
         result.num_layers = num_layers_of(model.config)
@@ -239,7 +239,7 @@ def given_teacher(ctx: RunContext) -> StageResult:
     config, task = ctx.config, ctx.task
     check_model_source(config.teacher.checkpoint)
     model = load_classifier(config.model, task, name_or_path=config.teacher.checkpoint)
-    module = ClassifierModule(model, task.name, config.optim.as_dict(), config.teacher.lr)
+    module = ClassifierModule(model, task.name, config.optim, config.teacher.lr)
     stage_dir = ctx.run_dir / "teacher"
     stage_dir.mkdir(parents=True, exist_ok=True)
     trainer, _ = make_trainer(config, "teacher", stage_dir, max_epochs=1)
@@ -278,7 +278,7 @@ def distil(
         student,
         ctx.task.name,
         teacher_layers,
-        dict(config.distill),
+        config.distill,
         config.stage_optim(stage),
         budget.lr,
         quant,
@@ -324,7 +324,7 @@ class ReduceStage(Stage):
             ctx.datamodule.train_fingerprint,
             from_teacher=models.teacher_dir,
             layers=models.layers,
-            distill=dict(config.distill),
+            distill=config.distill.as_dict(),
             reduce=config.reduce.budget(),
         )
         cache = cache_folder(config.cache_dir, "reduced", ctx.task.name, key)

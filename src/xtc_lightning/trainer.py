@@ -51,7 +51,7 @@ def make_trainer(
     if bar:
         callbacks.append(StageProgressBar())
     else:
-        callbacks.append(PlainProgress(stage, trainer_kwargs.get("log_every_n_steps") or 50))
+        callbacks.append(PlainProgress(stage, config.trainer.log_every_n_steps))
     loggers = stage_loggers(config.loggers, stage, stage_dir.parent)
     if loggers:  # the learning rate of every step, beside the losses (CSV: lr-AdamW)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
