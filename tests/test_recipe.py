@@ -191,12 +191,18 @@ def test_latent_weights_get_their_own_lr_and_decay():
 def test_eight_bit_weights_train_at_the_stage_lr():
     """The latent-weight group holds binary and ternary weights only: an 8-bit code changes with
     small steps, so recipe.latent_lr (made for sign flips) leaves 4/8-bit weights alone."""
-    w8a8 = QuantConfig(name="w8a8", weight=WeightSpec("symmetric", 8, "row"), activation=A8, word_embeddings=True)
-    module = distill_module(Recipe.from_dict({**XTC_RECIPE, "latent_lr": 1e-2}, w8a8, quantize_epochs=3), w8a8)
+    w8a8 = QuantConfig(
+        name="w8a8", weight=WeightSpec("symmetric", 8, "row"), activation=A8, word_embeddings=True
+    )
+    module = distill_module(
+        Recipe.from_dict({**XTC_RECIPE, "latent_lr": 1e-2}, w8a8, quantize_epochs=3), w8a8
+    )
     assert latent_weights(module.student) == []
     groups = module.configure_optimizers()["optimizer"].param_groups
     assert len(groups) == 2 and all(g["lr"] == 1e-3 for g in groups)
-    ternary = distill_module(Recipe.from_dict({**XTC_RECIPE, "latent_lr": 1e-2}, W2A8, quantize_epochs=3), W2A8)
+    ternary = distill_module(
+        Recipe.from_dict({**XTC_RECIPE, "latent_lr": 1e-2}, W2A8, quantize_epochs=3), W2A8
+    )
     assert len(latent_weights(ternary.student)) == 13
 
 
