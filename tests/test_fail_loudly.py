@@ -37,7 +37,11 @@ def tiny_args(tiny_bert_dir, *extra: str) -> list[str]:
 
 
 def test_diverging_stage_stops_with_the_stage_step_and_losses(tmp_path, glue_dir, tiny_bert_dir):
-    proc = run_train(tiny_args(tiny_bert_dir, "quant=binary", "quantize.lr=1e6"), tmp_path, glue_dir)
+    proc = run_train(
+        tiny_args(tiny_bert_dir, "quant=binary", "quantize.lr=1e6", "recipe.latent_lr=1e6"),
+        tmp_path,
+        glue_dir,
+    )
     one_error(proc, r"quantize: the loss went non-finite at step \d+ \(epoch 0\): .*train/loss=nan")
     (run,) = (tmp_path / "runs").glob("*/*")
     assert (run / "teacher" / "result.json").is_file()  # the teacher was fine and is kept
