@@ -406,3 +406,20 @@ def test_fp32_student_teacher_is_the_student_before_quantization_layer_for_layer
     assert not any(isinstance(m, QuantLinear) for m in own.modules())  # the copy stays fp32
     damage = losses(own, own_layers)
     assert damage["attention"].item() > 0 and damage["hidden"].item() > 0
+
+
+def test_fast_latent_is_xtc_with_fast_latent_weights():
+    """recipe=fast_latent (the default) is recipe=xtc plus one key: a new key in xtc.yaml reaches
+    both recipes, and the default differs from the paper's step 2 only in the latent weights' lr."""
+    from hydra import compose, initialize_config_dir
+
+    from xtc_lightning.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        default = OmegaConf.to_container(compose("config").recipe)
+        xtc = OmegaConf.to_container(compose("config", overrides=["recipe=xtc"]).recipe)
+    assert default["name"] == "fast_latent" and xtc["name"] == "xtc"
+    assert default["latent_lr"] == 2e-3 and xtc["latent_lr"] is None
+    assert {k: v for k, v in default.items() if k not in ("name", "latent_lr")} == {
+        k: v for k, v in xtc.items() if k not in ("name", "latent_lr")
+    }
