@@ -344,7 +344,7 @@ def test_two_stage_switches_from_intermediate_to_prediction():
     assert [loss_weights_at(cfg, e, 2) for e in range(2)] == [intermediate, prediction]
     with pytest.raises(UserError, match="gives 1 intermediate epoch.*both stages need at least one epoch"):
         loss_weights_at(cfg, 0, 1)
-    with pytest.raises(UserError, match="two-stage distillation needs trainer.max_epochs >= 2, got -1"):
+    with pytest.raises(UserError, match="two-stage distillation needs max_epochs >= 2, got -1"):
         loss_weights_at(cfg, 0, -1)
     tenth = replace(cfg, intermediate_fraction=0.1)
     with pytest.raises(UserError, match="gives 0 intermediate epoch"):

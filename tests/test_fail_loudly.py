@@ -147,6 +147,10 @@ BAD_CONFIGS = [
     (["+unknown_key=1"], r"unknown config key 'unknown_key' \(added with \+\?\); top-level keys are: augment, checkpoint"),
     (["+data.batchsize=8"], r"unknown config key 'data.batchsize'; data has: batch_size"),
     (["progress=fancy"], r"progress='fancy' is not accepted; choose one of: auto, bar, plain"),
+    # two-stage distillation: each distilling stage's own budget, at startup, not when the stage starts
+    (["distill=two_stage", "student.num_layers=1", "reduce.max_epochs=1"], r"^distill 'two_stage': intermediate_fraction=0.5 of reduce.max_epochs=1 gives 1 intermediate epoch\(s\); both stages need at least one epoch$"),
+    (["distill=two_stage", "quantize.max_epochs=1"], r"^distill 'two_stage': intermediate_fraction=0.5 of quantize.max_epochs=1 gives"),
+    (["distill=two_stage", "quantize.max_epochs=-1"], r"^distill 'two_stage': two-stage distillation needs quantize.max_epochs >= 2, got -1$"),
 ]  # fmt: skip
 
 
@@ -171,6 +175,24 @@ def test_presets_and_defaults_pass_run_config(tmp_path, tiny_bert12_dir, preset)
     for overrides in ([], [f"experiment={preset}", f"model.name_or_path={tiny_bert12_dir}"]):
         cfg, _ = compose_job_config(overrides, tmp_path / "run")
         run_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["distill=two_stage", "reduce.max_epochs=1"],  # the student keeps every layer: no reduce stage
+        ["distill=two_stage", "quant=fp32", "quantize.max_epochs=1"],  # nothing to quantize
+        ["distill=two_stage", "student.num_layers=1", "stage=teacher", "reduce.max_epochs=1"],  # stops before
+    ],
+)
+def test_two_stage_budget_of_a_stage_that_does_not_run_is_not_refused(tmp_path, tiny_bert_dir, overrides):
+    from conftest import compose_job_config
+    from xtc_lightning.config import run_config
+
+    cfg, _ = compose_job_config(
+        ["task=rte", f"model.name_or_path={tiny_bert_dir}", *overrides], tmp_path / "run"
+    )
+    assert run_config(cfg).distill.intermediate_fraction == 0.5
 
 
 def test_every_bad_value_is_its_own_error_line(tmp_path, tiny_bert_dir):

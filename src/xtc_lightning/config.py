@@ -23,7 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from xtc_lightning.augment import AugmentConfig, check_masked_lm
-from xtc_lightning.distill import DistillConfig
+from xtc_lightning.distill import DistillConfig, two_stage_split
 from xtc_lightning.errors import Problems, UserError, check_exact_keys
 from xtc_lightning.export.format import STORED_DTYPES
 from xtc_lightning.quant import QuantConfig
@@ -455,6 +455,26 @@ def _student(d: Mapping, stage: str, teacher_config) -> StudentConfig:
     return StudentConfig(d["name"], None if layers is None else tuple(layers), d["num_layers"])
 
 
+def _distilling_stages(last: str, student: Mapping, teacher_config, quant: QuantConfig) -> list[str]:
+    """The distillation stages the run reaches (``reduce`` when the student drops teacher layers,
+    ``quantize`` when ``quant`` quantizes). ``reduce`` is left out at an unknown teacher depth:
+    the stage checks its budget when it starts."""
+    from xtc_lightning.models import num_layers_of
+    from xtc_lightning.student import layers_from_config
+
+    reached = STAGES[: STAGES.index(last) + 1]
+    stages = []
+    try:
+        depth = None if teacher_config is None else num_layers_of(teacher_config)
+    except UserError:  # reported when the teacher is loaded
+        depth = None
+    if "reduce" in reached and depth is not None and len(layers_from_config(student, depth)) < depth:
+        stages.append("reduce")
+    if "quantize" in reached and quant.enabled:
+        stages.append("quantize")
+    return stages
+
+
 def _task(d) -> GlueTask:
     """``task``: one key, ``name``, a task of the task table (``tasks.TASKS``)."""
     return get_task(_group(d, "task", ("name",))["name"])
@@ -493,6 +513,13 @@ def run_config(cfg: DictConfig) -> RunConfig:
     if quant is not None and stages["quantize"] is not None:
         recipe = check(Recipe.from_dict, c["recipe"], quant, stages["quantize"].max_epochs)
     distill = check(DistillConfig.from_dict, c["distill"])
+    if (
+        distill is not None
+        and distill.intermediate_fraction
+        and None not in (student, quant, *stages.values())
+    ):
+        for stage in _distilling_stages(c["stage"], c["student"], teacher_config, quant):
+            check(two_stage_split, distill, stages[stage].max_epochs, f"{stage}.max_epochs")
     if model is not None:
         check(check_model_source, model.name_or_path)
     augment = check(AugmentConfig.from_dict, c["augment"])

@@ -345,6 +345,24 @@ def intermediate_epochs(fraction: float, max_epochs: int) -> int:
     return math.floor(fraction * max_epochs + 0.5)
 
 
+def two_stage_split(distill: DistillConfig, max_epochs: int | None, budget: str = "max_epochs") -> int:
+    """The intermediate epochs of a two-stage run of ``max_epochs`` epochs (named ``budget`` in the
+    error: the stage's key). Raises ``UserError`` unless both stages get at least one epoch; the
+    config check calls it for every distilling stage before any work, ``loss_weights_at`` again."""
+    frac = distill.intermediate_fraction
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+        raise UserError(
+            f"distill '{distill.name}': two-stage distillation needs {budget} >= 2, got {max_epochs!r}"
+        )
+    n = intermediate_epochs(frac, max_epochs)
+    if not 0 < n < max_epochs:
+        raise UserError(
+            f"distill '{distill.name}': intermediate_fraction={frac} of {budget}={max_epochs} "
+            f"gives {n} intermediate epoch(s); both stages need at least one epoch"
+        )
+    return n
+
+
 def loss_weights_at(distill: DistillConfig, epoch: int, max_epochs: int | None) -> dict[str, float]:
     """Loss weights for ``epoch`` (0-based) of a run of ``max_epochs`` epochs.
 
@@ -354,21 +372,11 @@ def loss_weights_at(distill: DistillConfig, epoch: int, max_epochs: int | None) 
     logits+ground_truth. Raises ``UserError`` if a stage would get no epoch.
     """
     weights = {k: float(v) for k, v in distill.weights.items()}
-    frac = distill.intermediate_fraction
-    if frac == 0:
+    if distill.intermediate_fraction == 0:
         return weights
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-        raise UserError(
-            f"distill '{distill.name}': two-stage distillation needs trainer.max_epochs >= 2, got {max_epochs!r}"
-        )
+    n = two_stage_split(distill, max_epochs)
     if not 0 <= epoch < max_epochs:
         raise ValueError(f"epoch {epoch} outside [0, {max_epochs})")
-    n = intermediate_epochs(frac, max_epochs)
-    if not 0 < n < max_epochs:
-        raise UserError(
-            f"distill '{distill.name}': intermediate_fraction={frac} of max_epochs={max_epochs} "
-            f"gives {n} intermediate epoch(s); both stages need at least one epoch"
-        )
     off = ("logits", "ground_truth") if epoch < n else ("attention", "hidden")
     return {k: 0.0 if k in off else v for k, v in weights.items()}
 
