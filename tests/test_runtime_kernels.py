@@ -96,3 +96,24 @@ def test_compiled_runtime_after_warm_up_follows_new_shapes(tmp_path, monkeypatch
         assert not outside  # LayerNorm weights are parameters (requires_grad): still the kernels
     finally:
         torch.set_num_threads(before)
+
+
+def test_kernels_are_compiled_for_their_width_and_split_rows_over_the_threads():
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    # traced with 2 example rows and every size left symbolic, the kernels shared one cached build
+    # (one threading decision) across widths, and the 384-wide ones ran on one thread at any count
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(3))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            out, code = run_and_get_code(Precompiled(quantize_per_token), x, 127)
+    finally:
+        torch.set_num_threads(before)
+    assert equal(out, quantize_per_token(x, 127))
+    source = "\n".join(code)
+    assert re.search(r"assert_size_stride\(\w+, \(\w+, 40\), \(40, 1\)", source)  # width static, rows not
+    assert "#pragma omp parallel" in source  # the rows are split over the threads

@@ -122,24 +122,37 @@ class _Traced(nn.Module):
         return tuple(t for t in leaves if isinstance(t, Tensor))  # export's graphs return tensors only
 
 
+# The row count the kernels are traced with. Inductor takes it as the size of the rows when it
+# decides whether a loop is worth splitting over the intra-op threads: traced with 2 rows, the
+# 384-wide kernels looked too small and ran on one thread whatever the thread count.
+EXAMPLE_ROWS = 1024
+
+
 def _compile(fn: Callable, args: tuple, options: dict) -> Callable:
-    """The kernel for ``args``' signature: ``(tensors) -> fn(*args)``, rows symbolic."""
+    """The kernel for ``args``' signature: ``(tensors) -> fn(*args)``, rows symbolic, widths static."""
     with torch.inference_mode(False), torch.no_grad():
-        # example inputs of 2 rows: a row count of 1 would be specialized by export
+        # example inputs of EXAMPLE_ROWS rows (a row count of 1 would be specialized by export)
         examples = [
-            torch.zeros((2, *t.shape[1:]) if t.dim() == 2 else t.shape, dtype=t.dtype, device=t.device)
+            torch.zeros(
+                (EXAMPLE_ROWS, *t.shape[1:]) if t.dim() == 2 else t.shape, dtype=t.dtype, device=t.device
+            )
             for t in _leaves(args)
             if isinstance(t, Tensor)
         ]
         rows = torch.export.Dim("rows", min=1)
         dynamic = tuple({0: rows} if t.dim() == 2 else None for t in examples)
         program = torch.export.export(_Traced(fn, args), tuple(examples), dynamic_shapes=(dynamic,))
+        graph = program.graph_module
+        # standalone_compile's "from_graph" takes the shapes of export's trace (rows symbolic, the
+        # rest static) from the outputs' ``example_value``, which export names ``val``; without it, it
+        # makes every size symbolic (widths too: loops of unknown length, and one cached kernel,
+        # hence one threading decision, shared by every width)
+        for node in graph.graph.output_node().args[0]:
+            node.meta.setdefault("example_value", node.meta["val"])
         # the output's structure and its non-tensor leaves (e.g. None), from one eager call
         leaves, spec = pytree.tree_flatten(fn(*_fill(args, iter(examples))))
         with torch._inductor.config.patch(options):
-            artifact = torch._inductor.standalone_compile(
-                program.graph_module, examples, dynamic_shapes="from_graph"
-            )
+            artifact = torch._inductor.standalone_compile(graph, examples, dynamic_shapes="from_graph")
     tensor_out = [isinstance(t, Tensor) for t in leaves]
 
     def kernel(tensors: list[Tensor]):
