@@ -437,37 +437,38 @@ def _check_model_type(config, name: str) -> None:
         )
 
 
-def _student(d: Mapping, stage: str, teacher_config) -> StudentConfig:
-    """``student``, its layers checked against the teacher's depth when a student is built (in a
-    teacher-only run or at an unknown depth, still its keys and empty, duplicate, negative and
-    zero-count selections)."""
+def _teacher_depth(teacher_config) -> int | None:
+    """The teacher's layer count from its HF config; None when unknown (no config read here, or a
+    model type without one: reported when the teacher is loaded)."""
     from xtc_lightning.models import num_layers_of
+
+    if teacher_config is None:
+        return None
+    try:
+        return num_layers_of(teacher_config)
+    except UserError:
+        return None
+
+
+def _student(d: Mapping, stage: str, depth: int | None) -> StudentConfig:
+    """``student``, its layers checked against the teacher's ``depth`` when a student is built (in
+    a teacher-only run or at an unknown depth, still its keys and empty, duplicate, negative and
+    zero-count selections)."""
     from xtc_lightning.student import layers_from_config
 
-    depth = None
-    if stage != "teacher" and teacher_config is not None:
-        try:
-            depth = num_layers_of(teacher_config)
-        except UserError:
-            depth = None
-    layers_from_config(d, depth if depth is not None else 10**6)
+    layers_from_config(d, depth if stage != "teacher" and depth is not None else 10**6)
     layers = d["layers"]
     return StudentConfig(d["name"], None if layers is None else tuple(layers), d["num_layers"])
 
 
-def _distilling_stages(last: str, student: Mapping, teacher_config, quant: QuantConfig) -> list[str]:
+def _distilling_stages(last: str, student: Mapping, depth: int | None, quant: QuantConfig) -> list[str]:
     """The distillation stages the run reaches (``reduce`` when the student drops teacher layers,
-    ``quantize`` when ``quant`` quantizes). ``reduce`` is left out at an unknown teacher depth:
+    ``quantize`` when ``quant`` quantizes). ``reduce`` is left out at an unknown teacher ``depth``:
     the stage checks its budget when it starts."""
-    from xtc_lightning.models import num_layers_of
     from xtc_lightning.student import layers_from_config
 
     reached = STAGES[: STAGES.index(last) + 1]
     stages = []
-    try:
-        depth = None if teacher_config is None else num_layers_of(teacher_config)
-    except UserError:  # reported when the teacher is loaded
-        depth = None
     if "reduce" in reached and depth is not None and len(layers_from_config(student, depth)) < depth:
         stages.append("reduce")
     if "quantize" in reached and quant.enabled:
@@ -506,7 +507,8 @@ def run_config(cfg: DictConfig) -> RunConfig:
         teacher_config = model_config(model, stages["teacher"].checkpoint)
         if teacher_config is not None:
             check(_check_model_type, teacher_config, stages["teacher"].checkpoint or model.name_or_path)
-    student = check(_student, c["student"], c["stage"], teacher_config)
+    depth = _teacher_depth(teacher_config)
+    student = check(_student, c["student"], c["stage"], depth)
     task = check(_task, c["task"])
     quant = check(QuantConfig.from_dict, c["quant"])
     recipe = None
@@ -518,7 +520,7 @@ def run_config(cfg: DictConfig) -> RunConfig:
         and distill.intermediate_fraction
         and None not in (student, quant, *stages.values())
     ):
-        for stage in _distilling_stages(c["stage"], c["student"], teacher_config, quant):
+        for stage in _distilling_stages(c["stage"], c["student"], depth, quant):
             check(two_stage_split, distill, stages[stage].max_epochs, f"{stage}.max_epochs")
     if model is not None:
         check(check_model_source, model.name_or_path)
