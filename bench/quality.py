@@ -117,6 +117,13 @@ VARIANTS.update({
     "l3_w2a8_latent_lr20": ["student=l3", "quant=ternary", "recipe.latent_lr=2e-3"],
     # Latent 2e-3 was still rising at its last epoch (48.1, 67.5, 69.3): twice the budget on top.
     "l3_w1a8_latent_lr20_e6": [*W1A8_3L, "recipe.latent_lr=2e-3", "quantize.max_epochs=6"],
+    # The slow-latent levers again, now that the latent weights move (recipe=fast_latent's setting).
+    "l3_w1a8_fast_scale_grad": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.scale_gradient=true"],
+    "l3_w1a8_fast_ramp": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.progressive=ramp", "recipe.progressive_epochs=1"],
+    "l3_w1a8_fast_qk2": ["student=l3", "quant=binary_qk2", "recipe.latent_lr=2e-3"],
+    # SST-2 trains on 8,000 of its 67,349 sentences (a compute cap): the same steps over 24,000
+    # distinct ones, 1 epoch per distillation stage, from the same cached (8,000-trained) teacher.
+    "l3_w1a8_latent_lr20_d24k": [*W1A8_3L, "recipe.latent_lr=2e-3", "data.max_train_examples=24000", "teacher.checkpoint={teacher}", "reduce.max_epochs=1", "quantize.max_epochs=1"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -159,6 +166,10 @@ LABELS = {
     "l3_w1a8_latent_lr40": "3L W1A8, latent weights at lr 4e-3, the rest at 1e-4",
     "l3_w2a8_latent_lr20": "3L W2A8, latent weights at lr 2e-3, the rest at 1e-4 (recipe=fast_latent, the default)",
     "l3_w1a8_latent_lr20_e6": "3L W1A8, latent weights at lr 2e-3, the rest at 1e-4, 6 quantize epochs",
+    "l3_w1a8_fast_scale_grad": "3L W1A8, latent weights at lr 2e-3, learned scales (the gradient flows through mean|w|)",
+    "l3_w1a8_fast_ramp": "3L W1A8, latent weights at lr 2e-3, progressive ramp fp32 -> binary over the first epoch",
+    "l3_w1a8_fast_qk2": "3L W1A8 with ternary query and key, latent weights at lr 2e-3 (mixed precision: a trade-off, not 1 bit)",
+    "l3_w1a8_latent_lr20_d24k": "3L W1A8, latent weights at lr 2e-3, 24,000 distinct train sentences for 1 epoch per distillation stage (the same steps as 8,000 x 3)",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {
@@ -170,6 +181,7 @@ VARIANT_TASKS = {
     "l3_w1a8_fp_emb": ["mrpc"],
     "l6_w1a8": ["mrpc"],
     "l3_w1a8_aug20_capped": ["mrpc"],
+    "l3_w1a8_latent_lr20_d24k": ["sst2"],
 }
 SEED = 42  # the pipeline's default; other seeds vary the quantize stage alone (quantize.seed)
 
