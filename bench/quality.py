@@ -113,6 +113,7 @@ VARIANTS.update({
     # Is it the latent weights that want the high lr, or everything? Latent weights at 2e-3, the
     # rest (LayerNorms, biases, position embeddings, head) at 1e-4.
     "l3_w1a8_latent_lr20": [*W1A8_3L, "recipe.latent_lr=2e-3"],
+    "l3_w1a8_latent_lr10": [*W1A8_3L, "recipe.latent_lr=1e-3"],
     "l3_w1a8_latent_lr40": [*W1A8_3L, "recipe.latent_lr=4e-3"],
     "l3_w2a8_latent_lr20": ["student=l3", "quant=ternary", "recipe.latent_lr=2e-3"],
     # Latent 2e-3 was still rising at its last epoch (48.1, 67.5, 69.3): twice the budget on top.
@@ -163,6 +164,7 @@ LABELS = {
     "l3_w1a8_qk2_lr1e3": "3L W1A8 with ternary query and key, quantize lr 1e-3",
     "l3_w1a8_lr5e4_nodecay": "3L W1A8, quantize lr 5e-4, no latent decay",
     "l3_w1a8_latent_lr20": "3L W1A8, latent weights at lr 2e-3, the rest at 1e-4 (recipe=fast_latent, the default)",
+    "l3_w1a8_latent_lr10": "3L W1A8, latent weights at lr 1e-3, the rest at 1e-4",
     "l3_w1a8_latent_lr40": "3L W1A8, latent weights at lr 4e-3, the rest at 1e-4",
     "l3_w2a8_latent_lr20": "3L W2A8, latent weights at lr 2e-3, the rest at 1e-4 (recipe=fast_latent, the default)",
     "l3_w1a8_latent_lr20_e6": "3L W1A8, latent weights at lr 2e-3, the rest at 1e-4, 6 quantize epochs",
