@@ -61,12 +61,12 @@ def test_epilogue_kernels_equal_the_compiled_functions_outputs_with_none_kept():
         for rows in (3, 1, 40):
             y, a = torch.randn(rows, n, generator=g) * 30, torch.rand(rows, 1, generator=g)
             res = torch.randn(rows, n, generator=g)
-            z, codes, amax = gelu_codes(y, None, a, bias, True, None, None, 127, False)
+            z, codes, scale = gelu_codes(y, None, a, bias, True, None, None, 127, False)
             assert z is None  # the GELU output is not returned: only the next linear's codes
-            _, codes_ref, amax_ref = epilogue_codes(y, None, a, bias, True, None, None, 127, False)
+            _, codes_ref, scale_ref = epilogue_codes(y, None, a, bias, True, None, None, 127, False)
             # codes are integers of the same fp32 values up to the last bit: at most one step apart
             assert (codes.int() - codes_ref.int()).abs().max() <= 1
-            torch.testing.assert_close(amax, amax_ref)
+            torch.testing.assert_close(scale, scale_ref)
             out = norm(y, None, a, bias, False, res, (nw, nb, 1e-12))
             torch.testing.assert_close(out, epilogue(y, None, a, bias, False, res, (nw, nb, 1e-12)))
         assert len(gelu_codes.kernels) == 1 and len(norm.kernels) == 1
@@ -117,3 +117,18 @@ def test_kernels_are_compiled_for_their_width_and_split_rows_over_the_threads():
     source = "\n".join(code)
     assert re.search(r"assert_size_stride\(\w+, \(\w+, 40\), \(40, 1\)", source)  # width static, rows not
     assert "#pragma omp parallel" in source  # the rows are split over the threads
+
+
+def test_a_kernel_returning_a_view_of_its_input_still_returns_a_view():
+    """The inner inductor call skips the wrappers that rebuild aliased outputs: such kernels keep them."""
+
+    def view_and_double(x):
+        return x.view(x.shape), x * 2
+
+    kernel = Precompiled(view_and_double)
+    with torch.inference_mode():
+        x = torch.randn(5, 8)
+        view, double = kernel(x)
+        assert torch.equal(double, x * 2) and torch.equal(view, x)
+        x.add_(1)
+        assert torch.equal(view, x)  # still a view of x, as the eager function's
