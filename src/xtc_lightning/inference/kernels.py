@@ -12,7 +12,8 @@ without the artifact's wrappers where that is checked to give the same outputs: 
 The signature is the guard, computed by us: the value of every non-tensor argument
 (``bool``, ``int``, ``float``, ``None``, flattened from tuples), for every tensor its dtype,
 its sizes except the rows of a 2-D tensor, and its strides (contiguous tensors only), and
-the intra-op thread count (inductor's CPU kernels are compiled for one thread count).
+the intra-op thread count (inductor's CPU kernels are compiled for one thread count; calls
+of at most ``SERIAL_ROWS`` rows use the kernel compiled for one thread).
 A kernel traced with a symbolic row count is valid for any row count >= 1; all 2-D tensors
 of one call must share it (true of every call site here, and checked). Calls outside these
 rules (a non-contiguous tensor, rows that differ or are 0, an argument of another type, a
@@ -50,11 +51,13 @@ class Precompiled:
             return self.fn(*args)
         kernel = self.kernels.get(key)
         if kernel is None:
-            kernel = self.kernels[key] = self._build(args)
+            kernel = self.kernels[key] = self._build(args, threads=key[0])
         return kernel([a for a in _leaves(args) if isinstance(a, Tensor)])
 
-    def _build(self, args: tuple) -> Callable:
+    def _build(self, args: tuple, threads: int) -> Callable:
+        before = torch.get_num_threads()
         try:
+            torch.set_num_threads(threads)  # inductor compiles its loops for the current thread count
             return _compile(self.fn, args, self.options)
         except Exception as e:  # noqa: BLE001 - any export / inductor failure: this signature runs eagerly
             warnings.warn(
@@ -62,6 +65,8 @@ class Precompiled:
             )
             fn = self.fn
             return lambda tensors: fn(*_fill(args, iter(tensors)))
+        finally:
+            torch.set_num_threads(before)
 
 
 def _leaves(args: tuple) -> list:
@@ -84,8 +89,20 @@ def _fill(args: tuple, tensors) -> tuple:
     return tuple(tuple(one(b) for b in a) if type(a) is tuple else one(a) for a in args)
 
 
+# Calls of at most this many rows run the kernel compiled for one thread. A kernel compiled for
+# several threads always splits its rows over all of them (inductor fixes the thread count of its
+# OpenMP loops at compile time); on a batch-1 input of 12 tokens at 2 threads, handing half of each
+# of the 16 small kernels of a forward to the second thread cost more than it saved (the serial
+# kernels won 6 of 7 paired rounds, by ~5%; at 16 tokens: one win, one loss, one tie).
+SERIAL_ROWS = 16
+
+
 def signature(args: tuple) -> tuple | None:
-    """What a kernel is compiled for, or None if ``args`` are outside ``Precompiled``'s rules."""
+    """What a kernel is compiled for, or None if ``args`` are outside ``Precompiled``'s rules.
+
+    Its first item is the thread count the kernel is compiled for: the intra-op thread count,
+    or 1 for calls of at most ``SERIAL_ROWS`` rows.
+    """
     key: list = [torch.get_num_threads()]
     rows, grad = None, torch.is_grad_enabled()
     for a in args:
@@ -109,6 +126,8 @@ def signature(args: tuple) -> tuple | None:
             key.append((a.dtype, 2, a.shape[1], a.device))
         else:
             key.append((a.dtype, tuple(a.shape), a.device))
+    if rows is not None and rows <= SERIAL_ROWS:
+        key[0] = 1
     return tuple(key)
 
 
