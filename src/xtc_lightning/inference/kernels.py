@@ -6,12 +6,14 @@ such calls per forward (activation quantizer and epilogues); at batch 1 they wer
 its time. ``Precompiled`` compiles the same function with the same inductor, but ahead of
 the call: ``torch.export`` traces it with the rows of its 2-D tensors dynamic (tokens) and
 everything else static, and ``torch._inductor.standalone_compile`` builds the kernel;
-later calls with the same *signature* run that kernel directly.
+later calls with the same *signature* run that kernel directly (inductor's generated code,
+without the artifact's wrappers where that is checked to give the same outputs: ``_direct``).
 
 The signature is the guard, computed by us: the value of every non-tensor argument
 (``bool``, ``int``, ``float``, ``None``, flattened from tuples), for every tensor its dtype,
 its sizes except the rows of a 2-D tensor, and its strides (contiguous tensors only), and
-the intra-op thread count (inductor's CPU kernels are compiled for one thread count).
+the intra-op thread count (inductor's CPU kernels are compiled for one thread count; calls
+of at most ``SERIAL_ROWS`` rows use the kernel compiled for one thread).
 A kernel traced with a symbolic row count is valid for any row count >= 1; all 2-D tensors
 of one call must share it (true of every call site here, and checked). Calls outside these
 rules (a non-contiguous tensor, rows that differ or are 0, an argument of another type, a
@@ -21,6 +23,7 @@ the plain function eagerly, so nothing is ever computed by a kernel built for ot
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 
@@ -48,11 +51,13 @@ class Precompiled:
             return self.fn(*args)
         kernel = self.kernels.get(key)
         if kernel is None:
-            kernel = self.kernels[key] = self._build(args)
+            kernel = self.kernels[key] = self._build(args, threads=key[0])
         return kernel([a for a in _leaves(args) if isinstance(a, Tensor)])
 
-    def _build(self, args: tuple) -> Callable:
+    def _build(self, args: tuple, threads: int) -> Callable:
+        before = torch.get_num_threads()
         try:
+            torch.set_num_threads(threads)  # inductor compiles its loops for the current thread count
             return _compile(self.fn, args, self.options)
         except Exception as e:  # noqa: BLE001 - any export / inductor failure: this signature runs eagerly
             warnings.warn(
@@ -60,6 +65,8 @@ class Precompiled:
             )
             fn = self.fn
             return lambda tensors: fn(*_fill(args, iter(tensors)))
+        finally:
+            torch.set_num_threads(before)
 
 
 def _leaves(args: tuple) -> list:
@@ -82,8 +89,20 @@ def _fill(args: tuple, tensors) -> tuple:
     return tuple(tuple(one(b) for b in a) if type(a) is tuple else one(a) for a in args)
 
 
+# Calls of at most this many rows run the kernel compiled for one thread. A kernel compiled for
+# several threads always splits its rows over all of them (inductor fixes the thread count of its
+# OpenMP loops at compile time); on a batch-1 input of 12 tokens at 2 threads, handing half of each
+# of the 16 small kernels of a forward to the second thread cost more than it saved (the serial
+# kernels won 6 of 7 paired rounds, by ~5%; at 16 tokens: one win, one loss, one tie).
+SERIAL_ROWS = 16
+
+
 def signature(args: tuple) -> tuple | None:
-    """What a kernel is compiled for, or None if ``args`` are outside ``Precompiled``'s rules."""
+    """What a kernel is compiled for, or None if ``args`` are outside ``Precompiled``'s rules.
+
+    Its first item is the thread count the kernel is compiled for: the intra-op thread count,
+    or 1 for calls of at most ``SERIAL_ROWS`` rows.
+    """
     key: list = [torch.get_num_threads()]
     rows, grad = None, torch.is_grad_enabled()
     for a in args:
@@ -107,6 +126,8 @@ def signature(args: tuple) -> tuple | None:
             key.append((a.dtype, 2, a.shape[1], a.device))
         else:
             key.append((a.dtype, tuple(a.shape), a.device))
+    if rows is not None and rows <= SERIAL_ROWS:
+        key[0] = 1
     return tuple(key)
 
 
@@ -153,12 +174,69 @@ def _compile(fn: Callable, args: tuple, options: dict) -> Callable:
         leaves, spec = pytree.tree_flatten(fn(*_fill(args, iter(examples))))
         with torch._inductor.config.patch(options):
             artifact = torch._inductor.standalone_compile(graph, examples, dynamic_shapes="from_graph")
+        run = _direct(artifact, examples)
     tensor_out = [isinstance(t, Tensor) for t in leaves]
 
     def kernel(tensors: list[Tensor]):
-        out = iter(artifact(*tensors))
+        out = iter(run(tensors))
         return pytree.tree_unflatten(
             [next(out) if t else c for t, c in zip(tensor_out, leaves, strict=True)], spec
         )
 
     return kernel
+
+
+def _direct(artifact: Callable, examples: list[Tensor]) -> Callable[[list[Tensor]], tuple]:
+    """``(tensors) -> outputs`` of a ``standalone_compile`` artifact: inductor's generated code, called directly.
+
+    The artifact's own call passes through AOT autograd's runtime wrappers, a dynamo-disable
+    frame and ``CompiledFxGraph.__call__`` before it reaches inductor's ``call(tensors)``;
+    at batch 1 (16 kernel calls a forward on ~12 rows) that wrapping was ~8% of the forward
+    (3.5 -> 3.2 ms at 1 thread, 3.3 -> 3.05 ms at 2, paired). The wrappers only matter for
+    graphs that mutate an input, return an alias of one, or hold lifted constants: so the
+    inner call is used only if it gives the artifact's outputs, bit for bit, on random inputs,
+    leaves them unchanged and returns no input storage; otherwise (or if it cannot be found,
+    e.g. in another torch version) the artifact itself runs.
+    """
+    wrapped = lambda tensors: artifact(*tensors)  # noqa: E731 - the fallback, same signature
+    call = _inner_call(artifact)
+    if call is None:
+        return wrapped
+    inputs = [
+        torch.testing.make_tensor(t.shape, dtype=t.dtype, device=t.device, low=-50, high=50) for t in examples
+    ]
+    kept = [t.clone() for t in inputs]
+    want = wrapped(list(inputs))
+    try:
+        got = call(list(inputs))
+    except Exception:  # noqa: BLE001 - another calling convention: keep the wrapped call
+        return wrapped
+    storages = {t.untyped_storage().data_ptr() for t in inputs}
+    same = (
+        isinstance(got, (tuple, list))
+        and len(got) == len(want)
+        and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        and all(torch.equal(t, k) for t, k in zip(inputs, kept, strict=True))
+        and not any(g.untyped_storage().data_ptr() in storages for g in got)
+    )
+    return call if same else wrapped
+
+
+def _inner_call(artifact: Callable) -> Callable | None:
+    """The ``current_callable`` of the ``CompiledFxGraph`` inside ``artifact`` (found through its
+    wrappers' closures), or None."""
+    from torch._inductor.output_code import CompiledFxGraph
+
+    stack, seen = [artifact], set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, CompiledFxGraph):
+            return obj.current_callable
+        stack += [getattr(obj, a) for a in ("_compiled_fn", "__wrapped__") if hasattr(obj, a)]
+        for cell in getattr(obj, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                stack.append(cell.cell_contents)
+    return None

@@ -92,7 +92,8 @@ class UnpaddedForward:
     Every input runs on the process's intra-op threads, few tokens too: switching to one thread
     for inputs of <= 64 tokens, as this forward did, lost once the compiled kernels split their
     rows over the threads (batch 1 at 2 threads, paused, two runs: 4.4 / 6.6 ms on 2 threads vs
-    5.2 / 7.7 ms switched to 1).
+    5.2 / 7.7 ms switched to 1). Only the compiled kernels of calls of at most ``SERIAL_ROWS``
+    tokens run on one thread (``kernels.py``); the GEMMs always use every thread.
     """
 
     def __init__(self, model: nn.Module):
