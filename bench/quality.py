@@ -129,6 +129,11 @@ VARIANTS.update({
     "l3_w1a8_latent_lr20_d24k": [*SST2_24K, "quantize.max_epochs=1"],
     # ...and twice those quantize steps (2 epochs over the 24,000; the reduce stage is the same, cached).
     "l3_w1a8_latent_lr20_d24k_e2": [*SST2_24K, "quantize.max_epochs=2"],
+    # The small tasks have no more sentences to draw: new versions of theirs instead (augment x2,
+    # 1 epoch per distillation stage: the steps of 3 plain epochs), with fast latent weights.
+    "l3_w1a8_fast_aug": [*AUGMENTED, "augment.factor=2", "recipe.latent_lr=2e-3"],
+    # ...and twice those quantize steps (the reduce stage is the same, cached).
+    "l3_w1a8_fast_aug_e2": [*AUGMENTED, "augment.factor=2", "recipe.latent_lr=2e-3", "quantize.max_epochs=2"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -177,11 +182,15 @@ LABELS = {
     "l3_w1a8_fast_qk2": "3L W1A8 with ternary query and key, latent weights at lr 2e-3 (mixed precision: a trade-off, not 1 bit)",
     "l3_w1a8_latent_lr20_d24k": "3L W1A8, latent weights at lr 2e-3, 24,000 distinct train sentences for 1 epoch per distillation stage (the same steps as 8,000 x 3)",
     "l3_w1a8_latent_lr20_d24k_e2": "3L W1A8, latent weights at lr 2e-3, 24,000 distinct train sentences, 2 quantize epochs (twice the steps)",
+    "l3_w1a8_fast_aug": "3L W1A8, latent weights at lr 2e-3, augmented x2 (1 epoch per distillation stage: the same steps)",
+    "l3_w1a8_fast_aug_e2": "3L W1A8, latent weights at lr 2e-3, augmented x2, 2 quantize epochs (twice the steps)",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {
     "l3_w1a8_aug": ["mrpc", "cola", "stsb", "rte"],
     "l3_w1a8_aug_full": ["mrpc", "cola", "stsb", "rte"],
+    "l3_w1a8_fast_aug": ["mrpc", "cola", "stsb", "rte"],
+    "l3_w1a8_fast_aug_e2": ["mrpc", "cola", "stsb", "rte"],
     "l3_w1a8_logits10": ["mrpc"],
     "l3_w1a8_long": ["mrpc"],
     "l3_w1a32": ["mrpc"],
