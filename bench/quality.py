@@ -124,6 +124,8 @@ VARIANTS.update({
     "l3_w1a8_fast_scale_grad": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.scale_gradient=true"],
     "l3_w1a8_fast_ramp": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.progressive=ramp", "recipe.progressive_epochs=1"],
     "l3_w1a8_fast_qk2": ["student=l3", "quant=binary_qk2", "recipe.latent_lr=2e-3"],
+    "l3_w1a8_fast_ternary": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.progressive=ternary", "recipe.progressive_epochs=1"],
+    "l3_w1a8_fast_att01": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.attention_scale=0.1"],
     # SST-2 trains on 8,000 of its 67,349 sentences (a compute cap): the same steps over 24,000
     # distinct ones, 1 epoch per distillation stage, from the same cached (8,000-trained) teacher.
     "l3_w1a8_latent_lr20_d24k": [*SST2_24K, "quantize.max_epochs=1"],
@@ -180,6 +182,8 @@ LABELS = {
     "l3_w1a8_fast_scale_grad": "3L W1A8, latent weights at lr 2e-3, learned scales (the gradient also flows into the binary scales)",
     "l3_w1a8_fast_ramp": "3L W1A8, latent weights at lr 2e-3, progressive ramp fp32 -> binary over the first epoch",
     "l3_w1a8_fast_qk2": "3L W1A8 with ternary query and key, latent weights at lr 2e-3 (mixed precision: a trade-off, not 1 bit)",
+    "l3_w1a8_fast_ternary": "3L W1A8, latent weights at lr 2e-3, ternary for the first epoch, then binary",
+    "l3_w1a8_fast_att01": "3L W1A8, latent weights at lr 2e-3, attention loss x0.1 in the quantize stage",
     "l3_w1a8_latent_lr20_d24k": "3L W1A8, latent weights at lr 2e-3, 24,000 distinct train sentences for 1 epoch per distillation stage (the same steps as 8,000 x 3)",
     "l3_w1a8_latent_lr20_d24k_e2": "3L W1A8, latent weights at lr 2e-3, 24,000 distinct train sentences, 2 quantize epochs (twice the steps)",
     "l3_w1a8_fast_aug": "3L W1A8, latent weights at lr 2e-3, augmented x2 (1 epoch per distillation stage: the same steps)",
