@@ -264,10 +264,12 @@ def dev_by_epoch(run_dir: Path, steps: int) -> list[float]:
     return [float(r["val/score"]) for r in rows if 0 < int(r["step"]) < steps]
 
 
-def signs_changed(run_dir: Path, res: dict) -> float | None:
-    """The share of the encoder's linear weights (the six per layer, 2-D) whose sign differs
-    between the quantize stage's selected latent weights and the full-precision student it
-    started from: how far training moved the binary model. None without both files."""
+def latent_moves(run_dir: Path, res: dict) -> dict | None:
+    """How far the quantize stage moved the encoder's linear weights (the six per layer, 2-D)
+    from the full-precision student it started from, in its selected latent weights:
+    ``signs_changed``, the share whose sign differs, and ``scale_drift``, the mean and the largest
+    ratio of a row's mean|w| (its binary scale) to the start's. Latent-weight clipping would only
+    matter if the scales drifted. None without both files."""
     reduce, quantize = res["stages"].get("reduce") or {}, res["stages"].get("quantize")
     if quantize is None or not reduce.get("model_dir"):
         return None
@@ -285,11 +287,16 @@ def signs_changed(run_dir: Path, res: dict) -> float | None:
         latent = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
     fp32 = load_file(start)
     changed = total = 0
+    ratios = []
     for name, w in latent.items():
         if "encoder.layer." in name and name.endswith(".weight") and w.dim() == 2:
             changed += int((torch.sign(w) != torch.sign(fp32[name])).sum())
             total += w.numel()
-    return changed / total if total else None
+            ratios.append(w.abs().mean(dim=1) / fp32[name].abs().mean(dim=1))
+    if not total:
+        return None
+    ratios = torch.cat(ratios)
+    return {"signs_changed": changed / total, "scale_drift": (float(ratios.mean()), float(ratios.max()))}
 
 
 def collect(glue_dir: str) -> dict:
@@ -316,7 +323,7 @@ def collect(glue_dir: str) -> dict:
                     "train_examples": stage.get("train_examples", res["data"]["train_examples"]),
                     "file_bytes": (res.get("export") or {}).get("size", {}).get("file_bytes"),
                     "dev_by_epoch": dev_by_epoch(path.parent, stage.get("steps", 0)) if "quantize" in res["stages"] else [],
-                    "signs_changed": signs_changed(path.parent, res),
+                    "moves": latent_moves(path.parent, res),
                     "reduce_score": (res["stages"].get("reduce") or {}).get("score_best"),
                 })  # fmt: skip
             if runs:
@@ -327,7 +334,7 @@ def collect(glue_dir: str) -> dict:
                     "score_at_start": statistics.mean(starts) if starts else None,
                     "wall_time_s": statistics.mean(r["wall_time_s"] for r in runs),
                     "file_bytes": runs[0]["file_bytes"],
-                    "signs_changed": runs[0]["signs_changed"],  # seed 42's (or the first seed's)
+                    "moves": runs[0]["moves"],  # seed 42's (or the first seed's)
                     "reduce_score": runs[0]["reduce_score"],  # the 3L fp32 student it started from
                     "runs": runs,
                 }
@@ -512,8 +519,8 @@ SCREEN = list(
 
 def render_screen(table: dict) -> str:
     lines = [
-        "| task | variant | dev score | right after quantization | vs 3L W1A8 | of the teacher | packed file | encoder signs changed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | variant | dev score | right after quantization | vs 3L W1A8 | of the teacher | packed file | encoder signs changed | row scales vs start |",
+        "|---" * 9 + "|",
     ]
     for task, row in table.items():
         plain, teacher = row.get("l3_w1a8"), row.get("teacher")
@@ -530,10 +537,12 @@ def render_screen(table: dict) -> str:
             delta = f"{100 * (r['score'] - plain['score']):+.1f}" if plain is not None and low_bit else ""
             kept = "" if teacher is None else fmt(r["score"] / teacher["score"], "%")
             size = "" if r["file_bytes"] is None else f"{r['file_bytes'] / 1e6:.2f} MB"
-            moved = "" if r["signs_changed"] is None else fmt(r["signs_changed"], "%")
+            moves = r["moves"]
+            signs = "" if moves is None else fmt(moves["signs_changed"], "%")
+            drift = "" if moves is None else "{:.2f}x (max {:.2f}x)".format(*moves["scale_drift"])
             lines.append(
                 f"| {task} | {LABELS[v]} | {score} ({r['wall_time_s'] / 60:.0f} min) | "
-                f"{fmt(r['score_at_start'])} | {delta} | {kept} | {size} | {moved} |"
+                f"{fmt(r['score_at_start'])} | {delta} | {kept} | {size} | {signs} | {drift} |"
             )
     return "\n".join(lines)
 
