@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import tiny_classifier
 from xtc_lightning.config import OptimConfig
-from xtc_lightning.distill import DistillConfig
+from xtc_lightning.distill import DistillConfig, enable_attention_scores
 from xtc_lightning.errors import UserError
 from xtc_lightning.modules import DistillModule
 from xtc_lightning.quant import (
@@ -19,6 +19,7 @@ from xtc_lightning.quant import (
     QuantEmbedding,
     QuantLinear,
     apply_quantization,
+    clip_latent_weights,
     fake_quantize_weight,
     latent_weights,
     set_weight_form,
@@ -46,6 +47,7 @@ XTC_RECIPE = {  # conf/recipe/xtc.yaml, its latent_weight_decay resolved (optim.
     "progressive_epochs": 0.0,
     "latent_lr": None,
     "latent_weight_decay": 0.01,
+    "latent_clip": None,
     "attention_scale": 1.0,
     "scale_gradient": False,
     "teacher": "teacher",
@@ -68,6 +70,9 @@ def recipe(**kw) -> Recipe:
         ({"latent_lr": 0}, W1A8, "recipe.latent_lr=0.0 is not accepted: a number > 0, or null"),
         ({"latent_lr": "fast"}, W1A8, "recipe.latent_lr='fast' is not accepted: a finite number"),
         ({"latent_weight_decay": -0.1}, W1A8, "recipe.latent_weight_decay=-0.1 is not accepted: a number >= 0"),
+        ({"latent_clip": 1}, W1A8, "recipe.latent_clip=1.0 is not accepted: a number > 1 (a multiple of the group's mean|w|), or null"),
+        ({"latent_clip": "tight"}, W1A8, "recipe.latent_clip='tight' is not accepted: a finite number"),
+        ({"latent_clip": 2}, QuantConfig(), "recipe.latent_clip=2.0 needs binary or ternary weights"),
         ({"attention_scale": float("nan")}, W1A8, "recipe.attention_scale=nan is not accepted: a finite number"),
         ({"progressive": "ramp", "progressive_epochs": 1}, QuantConfig(), "needs quantized weights"),
         ({"scale_gradient": "yes"}, W1A8, "recipe.scale_gradient='yes' is not accepted: true or false"),
@@ -204,6 +209,92 @@ def test_eight_bit_weights_train_at_the_stage_lr():
         Recipe.from_dict({**XTC_RECIPE, "latent_lr": 1e-2}, W2A8, quantize_epochs=3), W2A8
     )
     assert len(latent_weights(ternary.student)) == 13
+
+
+def test_clip_latent_weights_by_hand():
+    """Each binary/ternary latent weight is clamped to +-clip * mean|w| of its group; signs stay,
+    8-bit weights are left alone."""
+    w = torch.tensor([[1.0, -2.0, 3.0, -6.0], [0.5, 0.5, -0.5, 4.5]])
+
+    def layer(spec: WeightSpec) -> QuantLinear:
+        lin = nn.Linear(4, 2, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        return QuantLinear(lin, spec, A8)
+
+    rows, tensor, ternary = layer(BINARY), layer(WeightSpec("binary", 1, "tensor")), layer(TERNARY)
+    eight = layer(WeightSpec("symmetric", 8, "row"))
+    model = nn.ModuleList([rows, tensor, ternary, eight])
+    # rows: mean|w| 3 and 1.5 -> bounds 4.5 and 2.25; tensor: mean|w| 18 / 8 = 2.25 -> bound 3.375
+    assert clip_latent_weights(model, 1.5) == 2 + 2 + 2
+    assert rows.weight.tolist() == [[1.0, -2.0, 3.0, -4.5], [0.5, 0.5, -0.5, 2.25]]
+    assert ternary.weight.tolist() == rows.weight.tolist()
+    assert tensor.weight.tolist() == [[1.0, -2.0, 3.0, -3.375], [0.5, 0.5, -0.5, 3.375]]
+    assert torch.equal(eight.weight, w)
+    emb = QuantEmbedding(nn.Embedding(2, 4), BINARY)
+    with torch.no_grad():
+        emb.weight.copy_(w)
+    clip_latent_weights(emb, 1.5)  # an embedding's groups are its token rows
+    assert emb.weight.tolist() == rows.weight.tolist()
+    # the bound comes from the weights before the clamp: the clamped groups' mean|w| shrank, so a
+    # second clamp cuts again, nearer (rows: mean|w| 10.5 / 4 and 3.75 / 4; tensor: 14.25 / 8)
+    assert clip_latent_weights(model, 1.5) == 2 + 2 + 3
+    assert rows.weight.tolist() == [[1.0, -2.0, 3.0, -3.9375], [0.5, 0.5, -0.5, 1.40625]]
+    assert tensor.weight.tolist() == [[1.0, -2.0, 2.671875, -2.671875], [0.5, 0.5, -0.5, 2.671875]]
+
+
+def test_quantize_steps_clip_the_latent_weights(monkeypatch):
+    """With recipe.latent_clip, every optimizer step of a real Lightning fit ends with the clamp,
+    on the student's weights as the step left them; without it there is none."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    import xtc_lightning.modules as modules
+
+    torch.manual_seed(0)
+    batches = [
+        {
+            "input_ids": torch.randint(0, 20, (4, 8)),
+            "attention_mask": torch.ones(4, 8, dtype=torch.long),
+            "labels": torch.randint(0, 3, (4,)),
+        }
+        for _ in range(3)
+    ]
+    calls = []
+
+    def spy(model, clip):
+        before = [w.detach().clone() for w in latent_weights(model)]
+        n = clip_latent_weights(model, clip)
+        pairs = list(zip(before, latent_weights(model), strict=True))
+        changed = sum(int((b != a).sum()) for b, a in pairs)
+        # every group here is a row (the padding row is all zeros): no weight is left beyond
+        # clip * its row's mean|w| before the clamp
+        worst = max(
+            float((a.abs() / b.abs().mean(dim=1, keepdim=True).clamp(min=1e-30)).max()) for b, a in pairs
+        )
+        calls.append((clip, n, changed, worst))
+        return n
+
+    monkeypatch.setattr(modules, "clip_latent_weights", spy)
+
+    def fit(r: Recipe) -> None:
+        module = distill_module(r)
+        enable_attention_scores(module.teacher)
+        enable_attention_scores(module.student)
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+        assert trainer.global_step == 3
+
+    fit(recipe(latent_lr=1e-2, latent_clip=1.5))
+    assert [c for c, *_ in calls] == [1.5] * 3
+    assert all(n > 100 and changed == n for _, n, changed, _ in calls)  # it clamps what it counts
+    assert [worst for *_, worst in calls] == pytest.approx([1.5] * 3), calls
+    calls.clear()
+    fit(recipe(latent_lr=1e-2))
+    assert calls == []
 
 
 def test_training_follows_the_recipe_and_evaluation_sees_the_final_form():

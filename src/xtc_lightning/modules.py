@@ -21,7 +21,12 @@ from xtc_lightning.distill import (
     teacher_needed,
 )
 from xtc_lightning.metrics import GlueSplitMetric, predictions_from_logits, task_score
-from xtc_lightning.quant import latent_weights, set_quantization_enabled, set_weight_form
+from xtc_lightning.quant import (
+    clip_latent_weights,
+    latent_weights,
+    set_quantization_enabled,
+    set_weight_form,
+)
 from xtc_lightning.recipe import Recipe
 from xtc_lightning.tasks import GlueTask, get_task
 
@@ -273,6 +278,12 @@ class DistillModule(GlueModule):
 
     def configure_optimizers(self):
         return adamw_with_linear_schedule(self, self.optim, self.lr, self.recipe)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        clip = None if self.recipe is None else self.recipe.latent_clip
+        if clip is not None and self.quant.active_at(self.global_step):
+            clip_latent_weights(self.student, clip)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

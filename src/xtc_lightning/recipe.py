@@ -11,6 +11,7 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
     progressive_epochs: 0.0     # length of that phase, in quantize epochs (may be fractional)
     latent_lr: null             # lr of the binary/ternary latent weights (null: the stage's lr)
     latent_weight_decay: ${optim.weight_decay}  # AdamW decay of the quantized latent weights
+    latent_clip: null           # clamp latent weights to +-this * their group's mean|w| (null: off)
     attention_scale: 1.0        # quantize stage: distill.weights.attention * this
     scale_gradient: false       # binary / ternary scales get a gradient too
     teacher: teacher            # teacher | fp32_student: whom the quantize stage distils from
@@ -33,6 +34,14 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
     through it (``quant.quantizers.scale_gradient``: XNOR-Net's derivative of the mean), so the
     scales are learned from the loss. It is still ``mean|w|``: the forward, the state dict and
     the packed export are unchanged, only the backward differs.
+
+``latent_clip``
+    After every optimizer step of the quantize stage (while quantization is on), each latent
+    weight behind a binary or ternary weight is clamped to ``±latent_clip * mean|w|`` of its
+    quantization group, the mean taken before the clamp (``quant.clip_latent_weights``). At the
+    fast latent lr the latent weights random-walk away from zero: the largest rows' scales grow
+    2-3x and a weight far out needs many steps to flip back. Clamping keeps the sign (so the codes) and cuts the tails, bounding both;
+    it needs no state, so a resumed run clamps exactly as an uninterrupted one.
 
 ``teacher``
     ``teacher``       the task's teacher, as in XTC's one-stage distillation: student layer ``i``
@@ -68,6 +77,7 @@ class Recipe:
     progressive_epochs: float
     latent_lr: float | None
     latent_weight_decay: float
+    latent_clip: float | None
     attention_scale: float
     scale_gradient: bool
     teacher: str
@@ -110,6 +120,19 @@ class Recipe:
             latent_lr = _number(latent_lr, "recipe.latent_lr")
             if latent_lr <= 0:
                 raise UserError(f"recipe.latent_lr={latent_lr} is not accepted: a number > 0, or null")
+        latent_clip = d["latent_clip"]
+        if latent_clip is not None:
+            latent_clip = _number(latent_clip, "recipe.latent_clip")
+            if latent_clip <= 1:
+                raise UserError(
+                    f"recipe.latent_clip={latent_clip} is not accepted: a number > 1 (a multiple of "
+                    f"the group's mean|w|), or null"
+                )
+            if quant.weight.method not in SCALE_GRADIENT_METHODS:
+                raise UserError(
+                    f"recipe.latent_clip={latent_clip} needs binary or ternary weights "
+                    f"(quant.weight.method={quant.weight.method})"
+                )
         scale_grad = d["scale_gradient"]
         if not isinstance(scale_grad, bool):
             raise UserError(f"recipe.scale_gradient={scale_grad!r} is not accepted: true or false")
@@ -127,6 +150,7 @@ class Recipe:
             progressive_epochs=epochs,
             latent_lr=latent_lr,
             latent_weight_decay=_non_negative(d["latent_weight_decay"], "recipe.latent_weight_decay"),
+            latent_clip=latent_clip,
             attention_scale=_non_negative(d["attention_scale"], "recipe.attention_scale"),
             scale_gradient=scale_grad,
             teacher=teacher,

@@ -20,6 +20,7 @@ Typical use::
 from xtc_lightning.quant.apply import (
     QuantTarget,
     apply_quantization,
+    clip_latent_weights,
     find_quant_targets,
     latent_weights,
     set_quantization_enabled,
@@ -46,6 +47,7 @@ __all__ = [
     "WeightCodes",
     "WeightSpec",
     "apply_quantization",
+    "clip_latent_weights",
     "dequantize_weight",
     "fake_quantize_activation",
     "fake_quantize_weight",

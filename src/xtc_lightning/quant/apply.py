@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from xtc_lightning.errors import UserError
@@ -196,3 +197,22 @@ def latent_weights(model: nn.Module) -> list[nn.Parameter]:
         for m in model.modules()
         if isinstance(m, QUANT_MODULES) and m.weight_spec.method in LOW_BIT_METHODS
     ]
+
+
+@torch.no_grad()
+def clip_latent_weights(model: nn.Module, clip: float) -> int:
+    """Clamp, in place, every latent weight behind a binary or ternary weight to
+    ``±clip * mean|w|`` of its quantization group (the binary scale: ``weight_spec.groups``), the
+    mean taken before the clamp (which lowers it: a second call cuts again, nearer). Signs are
+    kept, so the codes are too; the tails beyond ``clip`` times the scale are cut, which bounds how
+    far a weight can wander from the sign threshold and how far its group's scale can drift.
+    Stateless: it depends only on the weights. Returns how many weights were clamped."""
+    clamped = 0
+    for m in model.modules():
+        if isinstance(m, QUANT_MODULES) and m.weight_spec.method in LOW_BIT_METHODS:
+            w = m.weight.view(num_groups(m.weight.shape, m.weight_spec.groups), -1)
+            bound = clip * w.abs().mean(dim=1, keepdim=True)
+            clamped += int((w.abs() > bound).sum())
+            torch.minimum(w, bound, out=w)
+            torch.maximum(w, -bound, out=w)
+    return clamped
