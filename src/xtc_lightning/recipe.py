@@ -65,8 +65,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from xtc_lightning.errors import UserError, check_exact_keys
-from xtc_lightning.quant.config import QuantConfig, WeightSpec
-from xtc_lightning.quant.quantizers import SCALE_GRADIENT_METHODS
+from xtc_lightning.quant.config import LOW_BIT_METHODS, QuantConfig, WeightSpec
 
 PROGRESSIVE = ("none", "ramp", "ternary")
 TEACHERS = ("teacher", "fp32_student")
@@ -130,7 +129,7 @@ class Recipe:
                     f"recipe.latent_clip={latent_clip} is not accepted: a number > 1 (a multiple of "
                     f"the group's mean|w|), or null"
                 )
-            if quant.weight.method not in SCALE_GRADIENT_METHODS:
+            if quant.weight.method not in LOW_BIT_METHODS:
                 raise UserError(
                     f"recipe.latent_clip={latent_clip} needs binary or ternary weights "
                     f"(quant.weight.method={quant.weight.method})"
@@ -138,7 +137,7 @@ class Recipe:
         scale_grad = d["scale_gradient"]
         if not isinstance(scale_grad, bool):
             raise UserError(f"recipe.scale_gradient={scale_grad!r} is not accepted: true or false")
-        if scale_grad and quant.weight.method not in SCALE_GRADIENT_METHODS:
+        if scale_grad and quant.weight.method not in LOW_BIT_METHODS:
             raise UserError(
                 f"recipe.scale_gradient=true needs binary or ternary weights (quant.weight.method="
                 f"{quant.weight.method})"

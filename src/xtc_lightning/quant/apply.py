@@ -27,7 +27,7 @@ from torch import nn
 
 from xtc_lightning.errors import UserError
 from xtc_lightning.models import encoder_layers
-from xtc_lightning.quant.config import TARGETS, QuantConfig
+from xtc_lightning.quant.config import LOW_BIT_METHODS, TARGETS, QuantConfig
 from xtc_lightning.quant.layers import QUANT_MODULES, QuantEmbedding, QuantLinear
 from xtc_lightning.quant.quantizers import num_groups
 
@@ -184,11 +184,6 @@ def set_weight_form(
     return len(modules)
 
 
-# The 1- and 2-bit methods: a weight's code changes only when its latent weight crosses a
-# threshold (0 for binary, the per-group ±Δ for ternary), however the gradient pushes it.
-LOW_BIT_METHODS = ("binary", "ternary")
-
-
 def latent_weights(model: nn.Module) -> list[nn.Parameter]:
     """The latent full-precision weights behind binary and ternary weights (what the recipe's
     optimizer settings for latent weights apply to; 4- and 8-bit weights train like fp32 ones)."""
@@ -200,19 +195,16 @@ def latent_weights(model: nn.Module) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def clip_latent_weights(model: nn.Module, clip: float) -> int:
+def clip_latent_weights(model: nn.Module, clip: float) -> None:
     """Clamp, in place, every latent weight behind a binary or ternary weight to
     ``±clip * mean|w|`` of its quantization group (the binary scale: ``weight_spec.groups``), the
     mean taken before the clamp (which lowers it: a second call cuts again, nearer). Signs are
     kept, so the codes are too; the tails beyond ``clip`` times the scale are cut, which bounds how
     far a weight can wander from the sign threshold and how far its group's scale can drift.
-    Stateless: it depends only on the weights. Returns how many weights were clamped."""
-    clamped = 0
+    Stateless: it depends only on the weights. Nothing is read back to the host (no device sync)."""
     for m in model.modules():
         if isinstance(m, QUANT_MODULES) and m.weight_spec.method in LOW_BIT_METHODS:
             w = m.weight.view(num_groups(m.weight.shape, m.weight_spec.groups), -1)
             bound = clip * w.abs().mean(dim=1, keepdim=True)
-            clamped += int((w.abs() > bound).sum())
             torch.minimum(w, bound, out=w)
             torch.maximum(w, -bound, out=w)
-    return clamped

@@ -41,6 +41,10 @@ RANGES = ("dynamic", "static")
 # The six linears of an encoder layer, in data-flow order (see apply.find_quant_targets).
 TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 FULL_PRECISION_BITS = 32
+# The 1- and 2-bit methods: a weight's code changes only when its latent weight crosses a
+# threshold (0 for binary, the per-group ±Δ for ternary), however the gradient pushes it; their
+# scale is a group's mean|w| (what the recipe's latent-weight levers and scale gradient act on).
+LOW_BIT_METHODS = ("binary", "ternary")
 
 
 @dataclass(frozen=True)

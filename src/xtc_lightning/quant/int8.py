@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xtc_lightning.quant.config import ActivationSpec, WeightSpec
-from xtc_lightning.quant.quantizers import SCALE_GRADIENT_METHODS, float_weight_codes, scale_gradient
+from xtc_lightning.quant.config import LOW_BIT_METHODS, ActivationSpec, WeightSpec
+from xtc_lightning.quant.quantizers import float_weight_codes, scale_gradient
 
 INT8_MAX = 127
 # Weight methods whose codes are signed integers within int8 (symmetric: |code| <= 2^(k-1) - 1).
@@ -90,7 +90,7 @@ class _Int8LinearSTE(torch.autograd.Function):
     ) -> Tensor:
         out_features, in_features = weight.shape
         codes, scale, _ = float_weight_codes(weight, spec)  # (G, n) codes, (G, 1) scale
-        ctx.scale_groups = scale.shape[0] if scale_grad and spec.method in SCALE_GRADIENT_METHODS else 0
+        ctx.scale_groups = scale.shape[0] if scale_grad and spec.method in LOW_BIT_METHODS else 0
         w_codes = codes.reshape(out_features, in_features).to(torch.int8)
         w_scale = scale.reshape(-1).repeat_interleave(out_features // scale.shape[0])
         x_codes, a_scale = quantize_per_token(x.detach().reshape(-1, in_features), qmax)

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from xtc_lightning.errors import UserError
-from xtc_lightning.quant.config import ActivationSpec, WeightSpec
+from xtc_lightning.quant.config import LOW_BIT_METHODS, ActivationSpec, WeightSpec
 
 TERNARY_THRESHOLD = 0.7
 
@@ -157,9 +157,6 @@ def dequantize_weight(wc: WeightCodes) -> Tensor:
     return _dequantize(codes, wc.scale.unsqueeze(1), zero_point).reshape(wc.codes.shape)
 
 
-SCALE_GRADIENT_METHODS = ("binary", "ternary")
-
-
 def scale_gradient(codes: Tensor, grad: Tensor, num_groups: int) -> Tensor:
     """The part of ``dL/dw`` that flows through a binary or ternary group's scale.
 
@@ -200,7 +197,7 @@ def fake_quantize_weight(w: Tensor, spec: WeightSpec, scale_grad: bool = False) 
     (``scale_gradient``), which then moves with the loss instead of only with ``mean|w|``."""
     if not spec.enabled:
         return w
-    return _WeightSTE.apply(w, spec, scale_grad and spec.method in SCALE_GRADIENT_METHODS)
+    return _WeightSTE.apply(w, spec, scale_grad and spec.method in LOW_BIT_METHODS)
 
 
 # ----------------------------------------------------------------------- activations
