@@ -51,6 +51,7 @@ XTC_RECIPE = {  # conf/recipe/xtc.yaml, its latent_weight_decay resolved (optim.
     "attention_scale": 1.0,
     "scale_gradient": False,
     "teacher": "teacher",
+    "start_run": None,
 }
 
 
@@ -77,7 +78,9 @@ def recipe(**kw) -> Recipe:
         ({"progressive": "ramp", "progressive_epochs": 1}, QuantConfig(), "needs quantized weights"),
         ({"scale_gradient": "yes"}, W1A8, "recipe.scale_gradient='yes' is not accepted: true or false"),
         ({"scale_gradient": True}, QuantConfig(), "scale_gradient=true needs binary or ternary weights"),
-        ({"teacher": "student"}, W1A8, "recipe.teacher='student' is not accepted: teacher | fp32_student"),
+        ({"teacher": "student"}, W1A8, "recipe.teacher='student' is not accepted: teacher | fp32_student | start_run"),
+        ({"teacher": "start_run"}, W1A8, "recipe.teacher=start_run needs recipe.start_run (a finished quantized run folder)"),
+        ({"start_run": ""}, W1A8, "recipe.start_run='' is not accepted: a run folder, or null"),
     ],
 )  # fmt: skip
 def test_bad_recipes_fail_in_one_line(given, quant, message):
@@ -521,3 +524,57 @@ def test_fast_latent_is_xtc_with_fast_latent_weights():
     assert {k: v for k, v in default.items() if k not in ("name", "latent_lr")} == {
         k: v for k, v in xtc.items() if k not in ("name", "latent_lr")
     }
+
+
+def test_start_run_hands_a_ternary_run_over_to_a_binary_one(tmp_path, glue_dir, tiny_bert_dir):
+    """recipe.start_run (multi-step distillation, fp32 -> ternary -> binary): a quantize stage that
+    starts from a finished ternary run with the same quant config starts exactly where that run
+    ended (its dev score right after loading is the ternary run's best score), and distilling a
+    binary student from that run (recipe.teacher=start_run) ends in a 1-bit export. Folders that
+    cannot be a start are refused at startup, before any work."""
+    import json
+
+    from conftest import run_dirs, run_train
+
+    base = [
+        "task=rte", f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", "data.max_train_examples=64",
+        "data.max_length=64", "trainer.max_epochs=1", "optim.lr=1e-3", "export.other_dtype=float32", "export.hf=false",
+    ]  # fmt: skip
+
+    def train(name: str, *args: str) -> dict:
+        proc = run_train([*base, *args], tmp_path / name, glue_dir)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (run,) = run_dirs(tmp_path / name)
+        return {**json.loads((run / "results.json").read_text()), "run_dir": run}
+
+    ternary = train("ternary", "quant=ternary")
+    start = ternary["run_dir"]
+    again = train("again", "quant=ternary", f"recipe.start_run={start}", "recipe.teacher=start_run")
+    assert again["stages"]["quantize"]["score_at_start"] == ternary["score"]
+
+    binary = train("binary", "quant=binary", f"recipe.start_run={start}", "recipe.teacher=start_run")
+    assert binary["stages"]["quantize"]["bits"]["weights"] == 1
+    assert binary["export"]["dev"]["score"] == binary["score"]  # fp32 rest: the same predictions
+
+    def refused(*args: str) -> str:
+        proc = run_train([*base, *args], tmp_path / "refused", glue_dir)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert not (tmp_path / "refused" / "runs").exists() or not run_dirs(tmp_path / "refused")
+        return proc.stderr.strip().splitlines()[-1]
+
+    key = f"error: recipe.start_run={start} is not accepted"
+    assert refused("task=mrpc", "quant=binary", f"recipe.start_run={start}") == (
+        f"{key}: it is a run of task 'rte', not 'mrpc'"
+    )
+    assert refused("quant=binary", "student.num_layers=2", f"recipe.start_run={start}") == (
+        f"{key}: its student keeps teacher layers [1], this run's keeps [0, 1]"
+    )
+    teacher_only = train("teacher_only", "stage=teacher")["run_dir"]
+    assert refused("quant=binary", f"recipe.start_run={teacher_only}") == (
+        f"error: recipe.start_run={teacher_only} is not accepted: its last stage is 'teacher'; a run "
+        f"that ends with a quantize stage (and its quantize/weights.safetensors) is needed"
+    )
+    missing = tmp_path / "no_such_run"
+    assert refused("quant=binary", f"recipe.start_run={missing}") == (
+        f"error: recipe.start_run={missing} is not accepted: no such folder (a finished quantized run of this task)"
+    )

@@ -27,7 +27,7 @@ from xtc_lightning.distill import DistillConfig, two_stage_split
 from xtc_lightning.errors import Problems, UserError, check_exact_keys
 from xtc_lightning.export.format import STORED_DTYPES
 from xtc_lightning.quant import QuantConfig
-from xtc_lightning.recipe import Recipe
+from xtc_lightning.recipe import Recipe, check_start_run
 from xtc_lightning.resume import RESUME_CHOICES
 from xtc_lightning.tasks import GlueTask, get_task
 
@@ -514,6 +514,9 @@ def run_config(cfg: DictConfig) -> RunConfig:
     recipe = None
     if quant is not None and stages["quantize"] is not None:
         recipe = check(Recipe.from_dict, c["recipe"], quant, stages["quantize"].max_epochs)
+    if recipe is not None and recipe.start_run is not None and None not in (task, student):
+        layers = None if depth is None else student.select(depth)
+        check(check_start_run, recipe.start_run, task.name, layers)
     distill = check(DistillConfig.from_dict, c["distill"])
     if (
         distill is not None

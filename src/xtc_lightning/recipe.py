@@ -14,7 +14,8 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
     latent_clip: null           # clamp latent weights to +-this * their group's mean|w| (null: off)
     attention_scale: 1.0        # quantize stage: distill.weights.attention * this
     scale_gradient: false       # binary / ternary scales get a gradient too
-    teacher: teacher            # teacher | fp32_student: whom the quantize stage distils from
+    teacher: teacher            # teacher | fp32_student | start_run: whom the quantize stage distils from
+    start_run: null             # a finished quantized run of this task and student to start from
 
 ``progressive``
     ``none``     the configured weights from the first step (XTC).
@@ -53,6 +54,20 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
                       own full-precision self, as TernaryBERT and BinaryBERT distil a quantized
                       model from the same-depth model it was initialized from. At step 0 the
                       losses measure only what quantization changed.
+    ``start_run``     the final model of ``start_run`` (below), frozen in its own bit-width,
+                      layer for layer: multi-step distillation (BiT, Liu et al. 2022), where
+                      each lower bit-width learns from the one above it (fp32 -> 2 bits -> 1 bit)
+                      instead of from the far-away full-precision teacher.
+
+``start_run``
+    The folder of a finished run of the same task and student layers whose last stage is
+    ``quantize`` (a ternary student, say). The quantize stage starts from that run's selected
+    weights (``quantize/weights.safetensors``: its latent weights and every other parameter)
+    instead of the full-precision student, then quantizes them with this run's ``quant``: a
+    ternary -> binary hand-off at the end of a whole ternary training rather than after a
+    phase of this one. With ``teacher: start_run`` it also distils from that run's model.
+    Checked at startup (a finished quantized run, this task, these layers); the weights must
+    fit this run's student. Measured on MiniLM: BENCHMARKS.md.
 
 Evaluation always uses the final form (``m = 1``, the configured method): every dev score,
 and so the best-on-dev checkpoint, is that of the model the export writes.
@@ -63,12 +78,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from xtc_lightning.errors import UserError, check_exact_keys
 from xtc_lightning.quant.config import LOW_BIT_METHODS, QuantConfig, WeightSpec
 
 PROGRESSIVE = ("none", "ramp", "ternary")
-TEACHERS = ("teacher", "fp32_student")
+TEACHERS = ("teacher", "fp32_student", "start_run")
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,7 @@ class Recipe:
     attention_scale: float
     scale_gradient: bool
     teacher: str
+    start_run: str | None
 
     @classmethod
     def from_dict(cls, d: Mapping, quant: QuantConfig, quantize_epochs: int) -> Recipe:
@@ -145,6 +162,13 @@ class Recipe:
         teacher = d["teacher"]
         if teacher not in TEACHERS:
             raise UserError(f"recipe.teacher={teacher!r} is not accepted: {' | '.join(TEACHERS)}")
+        start_run = d["start_run"]
+        if start_run is not None and (not isinstance(start_run, str) or not start_run):
+            raise UserError(f"recipe.start_run={start_run!r} is not accepted: a run folder, or null")
+        if teacher == "start_run" and start_run is None:
+            raise UserError(
+                "recipe.teacher=start_run needs recipe.start_run (a finished quantized run folder)"
+            )
         return cls(
             name=name,
             progressive=progressive,
@@ -155,6 +179,7 @@ class Recipe:
             attention_scale=_non_negative(d["attention_scale"], "recipe.attention_scale"),
             scale_gradient=scale_grad,
             teacher=teacher,
+            start_run=start_run,
         )
 
     def progressive_steps(self, steps_per_epoch: float) -> int:
@@ -177,6 +202,34 @@ class Recipe:
         if ternary_phase and final.method == "binary":
             return WeightSpec(method="ternary", bits=2, groups=final.groups)
         return final
+
+
+def check_start_run(path: str, task: str, layers: list[int] | None) -> None:
+    """``recipe.start_run``: a finished run folder of ``task`` whose last stage is ``quantize``, its
+    student on the teacher ``layers`` (None: not known before the teacher is read). Reads only the
+    folder's records; whether its weights fit the student is checked when the stage loads them."""
+    from xtc_lightning.export.run import read_run
+
+    key = f"recipe.start_run={path}"
+    if not Path(path).is_dir():
+        raise UserError(f"{key} is not accepted: no such folder (a finished quantized run of this task)")
+    try:
+        results, _ = read_run(Path(path))
+    except UserError as err:
+        raise UserError(f"{key} is not accepted: {err}") from None
+    if results.get("task") != task:
+        raise UserError(f"{key} is not accepted: it is a run of task {results.get('task')!r}, not {task!r}")
+    quantize = results["stages"].get("quantize")
+    if results.get("final_stage") != "quantize" or not (quantize or {}).get("weights"):
+        raise UserError(
+            f"{key} is not accepted: its last stage is {results.get('final_stage')!r}; a run that ends "
+            f"with a quantize stage (and its quantize/weights.safetensors) is needed"
+        )
+    if layers is not None and quantize.get("layers") != layers:
+        raise UserError(
+            f"{key} is not accepted: its student keeps teacher layers {quantize.get('layers')}, "
+            f"this run's keeps {layers}"
+        )
 
 
 def _number(value, key: str) -> float:

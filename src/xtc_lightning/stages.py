@@ -24,6 +24,7 @@ from xtc_lightning.config import STAGES, RunConfig, stage_seed
 from xtc_lightning.data import GlueDataModule
 from xtc_lightning.distill import enable_attention_scores
 from xtc_lightning.distributed import barrier, is_rank_zero
+from xtc_lightning.errors import UserError
 from xtc_lightning.export.run import (
     EXPORT_DIR,
     PACKED_NAME,
@@ -31,6 +32,9 @@ from xtc_lightning.export.run import (
     export_run,
     final_form,
     quantize_base,
+    quantize_weights,
+    read_run,
+    rebuild_final_model,
 )
 from xtc_lightning.models import check_model_source, count_parameters, load_classifier, num_layers_of
 from xtc_lightning.modules import ClassifierModule, DistillModule, GlueModule
@@ -340,11 +344,35 @@ class ReduceStage(Stage):
 
 def quantize_teacher(recipe: Recipe, models: Models) -> tuple[nn.Module, list[int]]:
     """Whom the quantize stage distils from (``recipe.teacher``), as (model, its layer of each
-    student layer): the task's teacher, or a frozen copy of the still full-precision student with
-    student layer ``i`` matched to its own layer ``i``. Call it before quantizing the student."""
+    student layer): the task's teacher, or, with student layer ``i`` matched to its own layer ``i``,
+    a frozen copy of the still full-precision student or the final model of ``recipe.start_run``
+    (in its own bit-width). Call it before quantizing the student."""
+    own_layers = list(range(len(models.layers)))
     if recipe.teacher == "fp32_student":
-        return copy.deepcopy(models.student), list(range(len(models.layers)))
+        return copy.deepcopy(models.student), own_layers
+    if recipe.teacher == "start_run":
+        run_dir = Path(recipe.start_run)
+        model, *_ = rebuild_final_model(run_dir, *read_run(run_dir))
+        return enable_attention_scores(model), own_layers
     return models.teacher, models.layers
+
+
+def load_start_run(student: nn.Module, run_dir: str) -> str:
+    """Put the selected weights of the finished quantized run ``run_dir`` (``recipe.start_run``: its
+    latent weights and every other parameter) into the quantized ``student``; returns their file.
+    They must fit it exactly (names and shapes)."""
+    results, _ = read_run(Path(run_dir))
+    state, source = quantize_weights(Path(run_dir), results)
+    own = student.state_dict()
+    misfit = sorted(set(own) ^ set(state)) + sorted(
+        k for k in own if k in state and own[k].shape != state[k].shape
+    )
+    if misfit:
+        raise UserError(
+            f"recipe.start_run={run_dir}: its weights {source} do not fit this run's student ({misfit[:3]})"
+        )
+    student.load_state_dict(state, strict=True)
+    return source
 
 
 class QuantizeStage(Stage):
@@ -361,6 +389,8 @@ class QuantizeStage(Stage):
         ctx.datamodule.seed = config.quantize.seed  # its data order too
         teacher = quantize_teacher(config.recipe, models)  # before the student is quantized
         apply_quantization(models.student, config.quant)
+        if config.recipe.start_run is not None:
+            log.info("quantize: starting from %s", load_start_run(models.student, config.recipe.start_run))
         log.info("quantized modules:\n%s", quantization_summary(models.student).text)
         result = distil(ctx, self.name, models, config.recipe, teacher)
         models.quantized_here = True  # its best-on-dev weights, as weights.safetensors holds them
