@@ -25,11 +25,15 @@ import time
 from pathlib import Path
 
 import torch
-from benchmarks_md import update_section  # bench/ is on sys.path when run as a script
+from benchmarks_md import BENCHMARKS_MD, update_section  # bench/ is on sys.path when run as a script
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "quality"
+# Each finished run's numbers (``run_record``), committed: the run folders stay on the machine that
+# ran them, these let any checkout redraw the tables (the runs before 2026-12-01 have none: their
+# folders were lost with their machine, so the sections they fill are only rewritten when no row is lost).
+RECORDS = REPO / "bench" / "records" / "quality"
 sys.path.insert(0, str(REPO / "src"))
 
 from xtc_lightning.data import read_local_split  # noqa: E402
@@ -146,6 +150,11 @@ VARIANTS.update({
     # teacher in both distillation stages (each with its own reduce stage).
     "l3_w1a8_fast_r6": [*W1A8_3L, "recipe.latent_lr=2e-3", "reduce.max_epochs=6"],
     "l3_w1a8_fast_gt": [*W1A8_3L, "recipe.latent_lr=2e-3", "distill.weights.ground_truth=1"],
+    # Multi-step distillation (BiT): the binary student starts from the finished W2A8 run of the
+    # default recipe (seed 42's, `l3_w2a8_latent_lr20`) and distils from it, layer for layer; and,
+    # to tell the start from the teacher, the same start distilled from the task's teacher.
+    "l3_w1a8_fast_ms": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.start_run={w2a8}", "recipe.teacher=start_run"],
+    "l3_w1a8_fast_from_w2": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.start_run={w2a8}"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -203,6 +212,8 @@ LABELS = {
     "l3_w1a8_fast_clip15": "3L W1A8, latent weights at lr 2e-3, clamped to +-1.5x their row's mean|w| after every step",
     "l3_w1a8_fast_r6": "3L W1A8, latent weights at lr 2e-3, from a 3L fp32 student of 6 reduce epochs (its own)",
     "l3_w1a8_fast_gt": "3L W1A8, latent weights at lr 2e-3, the labels' loss beside the teacher's in both distillation stages (its own reduce stage)",
+    "l3_w1a8_fast_ms": "3L W1A8, latent weights at lr 2e-3, multi-step: from the finished 3L W2A8 student and distilled from it (recipe.start_run, recipe.teacher=start_run)",
+    "l3_w1a8_fast_from_w2": "3L W1A8, latent weights at lr 2e-3, from the finished 3L W2A8 student, distilled from the teacher (recipe.start_run)",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {
@@ -244,8 +255,32 @@ def teacher_model_dir(task: str) -> str:
     return json.loads(path.read_text())["stages"]["teacher"]["model_dir"]
 
 
+# The run a `{w2a8}` override names: the task's W2A8 student of the default recipe (seed 42).
+START_W2A8 = "l3_w2a8_latent_lr20"
+
+
+def start_run_dir(task: str) -> str:
+    """The finished W2A8 run the multi-step variants start from (run it first)."""
+    path = OUT / task / START_W2A8
+    if not (path / "results.json").is_file():
+        raise SystemExit(
+            f"[quality] {task}: this variant needs the {START_W2A8} run first ({path} is unfinished)"
+        )
+    return str(path)
+
+
 def run_dir_of(task: str, variant: str, seed: int) -> Path:
     return OUT / task / (variant if seed == SEED else f"{variant}@seed{seed}")
+
+
+def expand(arg: str, task: str) -> str:
+    """An override with its `{teacher}` (the cached teacher's folder) or `{w2a8}` (the W2A8 run to
+    start from) filled in."""
+    if "{teacher}" in arg:
+        return arg.format(teacher=teacher_model_dir(task))
+    if "{w2a8}" in arg:
+        return arg.format(w2a8=start_run_dir(task))
+    return arg
 
 
 def run_one(task: str, variant: str, threads: int, seed: int = SEED) -> Path:
@@ -256,7 +291,7 @@ def run_one(task: str, variant: str, threads: int, seed: int = SEED) -> Path:
         return run_dir  # seeds vary the low-bit stage only
     cmd = [
         sys.executable, str(REPO / "train.py"), f"task={task}", *COMMON, *TASK_OVERRIDES.get(task, []),
-        *(a.format(teacher=teacher_model_dir(task)) if "{teacher}" in a else a for a in VARIANTS[variant]),
+        *(expand(a, task) for a in VARIANTS[variant]),
         f"quantize.seed={seed}", f"hydra.run.dir={run_dir}", f"paths.cache_dir={REPO / 'cache'}",
         f"num_threads={threads}", "progress=plain",
     ]  # fmt: skip
@@ -316,6 +351,46 @@ def latent_moves(run_dir: Path, res: dict) -> dict | None:
     return {"signs_changed": changed / total, "scale_drift": (float(ratios.mean()), float(ratios.max()))}
 
 
+def run_record(run_dir: Path) -> dict:
+    """One finished run's numbers, as the tables use them (``RECORDS`` keeps them)."""
+    name = run_dir.name
+    res = json.loads((run_dir / "results.json").read_text())
+    stage = res["stages"][res.get("final_stage", res["stage"])]
+    return {
+        "seed": SEED if "@seed" not in name else int(name.split("@seed")[1]),
+        "score": res["score"],
+        "score_at_start": stage.get("score_at_start"),
+        "metrics": res["metrics"],
+        "score_last_epoch": stage.get("score_last_epoch"),
+        "wall_time_s": res["wall_time_s"],
+        "train_examples": stage.get("train_examples", res["data"]["train_examples"]),
+        "file_bytes": (res.get("export") or {}).get("size", {}).get("file_bytes"),
+        "dev_by_epoch": dev_by_epoch(run_dir, stage.get("steps", 0)) if "quantize" in res["stages"] else [],
+        "moves": latent_moves(run_dir, res),
+        "reduce_score": (res["stages"].get("reduce") or {}).get("score_best"),
+    }  # fmt: skip
+
+
+def variant_runs(task: str, variant: str) -> list[dict]:
+    """Each seed's record of ``variant`` on ``task``: from its run folder under ``OUT`` (and then
+    kept in ``RECORDS``), else from ``RECORDS``; seed 42's first."""
+
+    def named(paths, name_of):
+        return {
+            name_of(p): p for p in paths if name_of(p) == variant or name_of(p).startswith(f"{variant}@seed")
+        }
+
+    runs = {}
+    for name, path in named((OUT / task).glob(f"{variant}*/results.json"), lambda p: p.parent.name).items():
+        runs[name] = run_record(path.parent)
+        record = RECORDS / task / f"{name}.json"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(runs[name], indent=1) + "\n")
+    for name, path in named((RECORDS / task).glob(f"{variant}*.json"), lambda p: p.stem).items():
+        runs.setdefault(name, json.loads(path.read_text()))
+    return [runs[name] for name in sorted(runs)]
+
+
 def collect(glue_dir: str) -> dict:
     """Per task and variant: the mean over the seeds that ran (``score``, ``score_at_start``, wall
     time) and each seed's numbers (``runs``)."""
@@ -323,26 +398,7 @@ def collect(glue_dir: str) -> dict:
     for task in TASKS:
         row = {"baseline": majority_baseline(task, glue_dir)}
         for variant in VARIANTS:
-            runs = []
-            for path in sorted((OUT / task).glob(f"{variant}*/results.json")):
-                name = path.parent.name
-                if name != variant and not name.startswith(f"{variant}@seed"):
-                    continue
-                res = json.loads(path.read_text())
-                stage = res["stages"][res.get("final_stage", res["stage"])]
-                runs.append({
-                    "seed": SEED if name == variant else int(name.split("@seed")[1]),
-                    "score": res["score"],
-                    "score_at_start": stage.get("score_at_start"),
-                    "metrics": res["metrics"],
-                    "score_last_epoch": stage.get("score_last_epoch"),
-                    "wall_time_s": res["wall_time_s"],
-                    "train_examples": stage.get("train_examples", res["data"]["train_examples"]),
-                    "file_bytes": (res.get("export") or {}).get("size", {}).get("file_bytes"),
-                    "dev_by_epoch": dev_by_epoch(path.parent, stage.get("steps", 0)) if "quantize" in res["stages"] else [],
-                    "moves": latent_moves(path.parent, res),
-                    "reduce_score": (res["stages"].get("reduce") or {}).get("score_best"),
-                })  # fmt: skip
+            runs = variant_runs(task, variant)
             if runs:
                 starts = [r["score_at_start"] for r in runs if r["score_at_start"] is not None]
                 row[variant] = {
@@ -512,8 +568,29 @@ def render(table: dict) -> str:
     return "\n".join(lines)
 
 
+def table_rows(text: str) -> set[str]:
+    """The first two cells of every table row in ``text``: what names a row."""
+    return {" | ".join(line.split(" | ")[:2]) for line in text.splitlines() if line.startswith("| ")}
+
+
+def update_keeping_rows(name: str, heading: str, body: str) -> None:
+    """``update_section``, unless the section holds a table row ``body`` lacks (a run that is
+    neither in ``OUT`` nor in ``RECORDS``, such as the runs before records were kept): then the
+    section is left as it is, and what is missing is printed."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = BENCHMARKS_MD.read_text()
+    old = text.split(start, 1)[1].split(end, 1)[0] if start in text and end in text else ""
+    lost = sorted(table_rows(old) - table_rows(body))
+    if lost:
+        print(
+            f"[quality] section {name} left as it is: {len(lost)} of its rows have no run here, e.g. {lost[0]}"
+        )
+        return
+    update_section(name, heading, body)
+
+
 def update_benchmarks_md(body: str) -> None:
-    update_section("quality", "Quality (GLUE dev)", body)
+    update_keeping_rows("quality", "Quality (GLUE dev)", body)
 
 
 # The recipe screen's table: plain W1A8 and every recipe / mixed-precision / data variant, per task.
@@ -537,14 +614,17 @@ SCREEN = list(
 )
 
 
-def render_screen(table: dict) -> str:
+def render_screen(
+    table: dict, variants: list[str] = SCREEN, against: str = "l3_w1a8", against_label: str = "3L W1A8"
+) -> str:
+    """A row per task and variant that ran, with its difference to ``against`` (``against_label``)."""
     lines = [
-        "| task | variant | dev score | right after quantization | vs 3L W1A8 | of the teacher | packed file | encoder signs changed | row scales vs start |",
+        f"| task | variant | dev score | right after quantization | vs {against_label} | of the teacher | packed file | encoder signs changed | row scales vs start |",
         "|---" * 9 + "|",
-    ]
+    ]  # fmt: skip
     for task, row in table.items():
-        plain, teacher = row.get("l3_w1a8"), row.get("teacher")
-        for v in SCREEN:
+        plain, teacher = row.get(against), row.get("teacher")
+        for v in variants:
             r = row.get(v)
             if r is None:
                 continue
@@ -564,6 +644,27 @@ def render_screen(table: dict) -> str:
                 f"| {task} | {LABELS[v]} | {score} ({r['wall_time_s'] / 60:.0f} min) | "
                 f"{fmt(r['score_at_start'])} | {delta} | {kept} | {size} | {signs} | {drift} |"
             )
+    return "\n".join(lines)
+
+
+# The fifth screen (2026-12-01, a new machine: the teacher and 3L fp32 student rebuilt, the default
+# re-run beside the new variants): multi-step distillation from the W2A8 student, and 6 reduce epochs.
+FIFTH = [
+    "teacher", "l3_fp32", DEFAULT, "l3_w2a8_latent_lr20", "l3_w1a8_fast_r6", "l3_w1a8_fast_from_w2", "l3_w1a8_fast_ms",
+]  # fmt: skip
+
+
+def render_seeds(table: dict, variants: list[str]) -> str:
+    """Each seed's score (and right after quantization) of the variants that ran more than one."""
+    lines = []
+    for task, row in table.items():
+        for v in variants:
+            runs = row.get(v, {}).get("runs", [])
+            if len(runs) > 1:
+                seeds = ", ".join(
+                    f"{fmt(r['score'])} (seed {r['seed']}, @0 {fmt(r['score_at_start'])})" for r in runs
+                )
+                lines.append(f"- {task}, {LABELS[v]}: {seeds}")
     return "\n".join(lines)
 
 
@@ -624,7 +725,7 @@ def main() -> None:
         update_benchmarks_md(body)
     else:
         print("[quality] the main table needs every task's MAIN runs here: its section is left as it is")
-    update_section(
+    update_keeping_rows(
         "quality_default",
         "Quality: the default recipe (recipe=fast_latent), 3L W1A8",
         "3L W1A8 students of the MiniLM teacher with the default recipe (`recipe=fast_latent`: the binary "
@@ -635,7 +736,7 @@ def main() -> None:
         "teacher l3_fp32 l3_w1a8 l3_w1a8_latent_lr20 --seeds 42 1 2 --threads 1`.\n\n"
         + render_default(table),
     )
-    update_section(
+    update_keeping_rows(
         "quality_recipes",
         "Quality: 1-bit recipes (issue 12 screen)",
         "3L W1A8 students of the MiniLM teacher, quantize stage only varied (same cached teacher and 3L fp32 "
@@ -650,6 +751,20 @@ def main() -> None:
         "weights at lr 2e-3, the rest at 1e-4*.\n\n"
         + render_screen(table)
         + ("\n\n" + curves if (curves := render_curves(table)) else ""),
+    )
+    update_keeping_rows(
+        "quality_multistep",
+        "Quality: multi-step distillation (issue 12, fifth screen)",
+        "3L W1A8 students of the MiniLM teacher against the default recipe, from the same cached teacher "
+        "and 3L fp32 student (rebuilt on 2026-12-01, they score as before: CoLA teacher 27.4). *Multi-step*: "
+        "the binary student starts from the finished 3L W2A8 student of the default recipe (seed 42's run) "
+        "and distils from it, layer for layer (`recipe.start_run`, `recipe.teacher=start_run`); *from the "
+        "W2A8 student*: the same start, distilled from the task's teacher. Columns as in the screen above; "
+        "seeds are `quantize.seed`. Run with `python bench/quality.py --tasks cola --variants "
+        + " ".join(FIFTH)
+        + " --seeds 42 1 2 --threads 1`.\n\n"
+        + render_screen(table, FIFTH, DEFAULT, "the default")
+        + ("\n\n" + seeds if (seeds := render_seeds(table, FIFTH)) else ""),
     )
 
 
