@@ -155,6 +155,9 @@ VARIANTS.update({
     # to tell the start from the teacher, the same start distilled from the task's teacher.
     "l3_w1a8_fast_ms": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.start_run={w2a8}", "recipe.teacher=start_run"],
     "l3_w1a8_fast_from_w2": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.start_run={w2a8}"],
+    # A control: the same quantize stage with 8-bit weights (near-lossless), to tell what the stage
+    # costs on its own (3 more distillation epochs, 8-bit activations) from what the 1 or 2 bits cost.
+    "l3_w8a8": ["student=l3", "quant=w8a8"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -214,6 +217,7 @@ LABELS = {
     "l3_w1a8_fast_gt": "3L W1A8, latent weights at lr 2e-3, the labels' loss beside the teacher's in both distillation stages (its own reduce stage)",
     "l3_w1a8_fast_ms": "3L W1A8, latent weights at lr 2e-3, multi-step: from the finished 3L W2A8 student and distilled from it (recipe.start_run, recipe.teacher=start_run)",
     "l3_w1a8_fast_from_w2": "3L W1A8, latent weights at lr 2e-3, from the finished 3L W2A8 student, distilled from the teacher (recipe.start_run)",
+    "l3_w8a8": "3L W8A8: the same quantize stage with 8-bit weights (a control: what the stage costs without the low bits)",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {
@@ -633,7 +637,7 @@ def render_screen(
                 if r["std"] is None
                 else f"{fmt(r['score'])} ± {fmt(r['std'])} ({len(r['runs'])} seeds)"
             )
-            low_bit = v.startswith(("l3_w1a8_", "l3_w2a8"))
+            low_bit = v.startswith(("l3_w1a8_", "l3_w2a8", "l3_w8a8"))
             delta = f"{100 * (r['score'] - plain['score']):+.1f}" if plain is not None and low_bit else ""
             kept = "" if teacher is None else fmt(r["score"] / teacher["score"], "%")
             size = "" if r["file_bytes"] is None else f"{r['file_bytes'] / 1e6:.2f} MB"
@@ -650,7 +654,8 @@ def render_screen(
 # The fifth screen (2026-12-01, a new machine: the teacher and 3L fp32 student rebuilt, the default
 # re-run beside the new variants): multi-step distillation from the W2A8 student, and 6 reduce epochs.
 FIFTH = [
-    "teacher", "l3_fp32", DEFAULT, "l3_w2a8_latent_lr20", "l3_w1a8_fast_r6", "l3_w1a8_fast_from_w2", "l3_w1a8_fast_ms",
+    "teacher", "l3_fp32", "l3_w8a8", DEFAULT, "l3_w2a8_latent_lr20", "l3_w1a8_fast_r6", "l3_w1a8_fast_from_w2",
+    "l3_w1a8_fast_ms",
 ]  # fmt: skip
 
 
