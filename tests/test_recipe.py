@@ -530,8 +530,9 @@ def test_start_run_hands_a_ternary_run_over_to_a_binary_one(tmp_path, glue_dir, 
     """recipe.start_run (multi-step distillation, fp32 -> ternary -> binary): a quantize stage that
     starts from a finished ternary run with the same quant config starts exactly where that run
     ended (its dev score right after loading is the ternary run's best score), and distilling a
-    binary student from that run (recipe.teacher=start_run) ends in a 1-bit export. Folders that
-    cannot be a start are refused at startup, before any work."""
+    binary student from that run (recipe.teacher=start_run) ends in a 1-bit export: the README's
+    two multi-step commands, at test size. Folders that cannot be a start are refused at startup,
+    before any work."""
     import json
 
     from conftest import run_dirs, run_train
