@@ -158,6 +158,8 @@ VARIANTS.update({
     # A control: the same quantize stage with 8-bit weights (near-lossless), to tell what the stage
     # costs on its own (3 more distillation epochs, 8-bit activations) from what the 1 or 2 bits cost.
     "l3_w8a8": ["student=l3", "quant=w8a8"],
+    # ...which on CoLA ends near the teacher: the binary student started from it (its 8-bit latent weights).
+    "l3_w1a8_fast_from_w8": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.start_run={w8a8}"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -218,6 +220,7 @@ LABELS = {
     "l3_w1a8_fast_ms": "3L W1A8, latent weights at lr 2e-3, multi-step: from the finished 3L W2A8 student and distilled from it (recipe.start_run, recipe.teacher=start_run)",
     "l3_w1a8_fast_from_w2": "3L W1A8, latent weights at lr 2e-3, from the finished 3L W2A8 student, distilled from the teacher (recipe.start_run)",
     "l3_w8a8": "3L W8A8: the same quantize stage with 8-bit weights (a control: what the stage costs without the low bits)",
+    "l3_w1a8_fast_from_w8": "3L W1A8, latent weights at lr 2e-3, from the finished 3L W8A8 student, distilled from the teacher (recipe.start_run)",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {
@@ -259,16 +262,17 @@ def teacher_model_dir(task: str) -> str:
     return json.loads(path.read_text())["stages"]["teacher"]["model_dir"]
 
 
-# The run a `{w2a8}` override names: the task's W2A8 student of the default recipe (seed 42).
-START_W2A8 = "l3_w2a8_latent_lr20"
+# The runs a `{w2a8}` or `{w8a8}` override names (seed 42's): the task's W2A8 student of the
+# default recipe, and the W8A8 control.
+START_RUNS = {"w2a8": "l3_w2a8_latent_lr20", "w8a8": "l3_w8a8"}
 
 
-def start_run_dir(task: str) -> str:
-    """The finished W2A8 run the multi-step variants start from (run it first)."""
-    path = OUT / task / START_W2A8
+def start_run_dir(task: str, start: str) -> str:
+    """The finished run a start-run variant starts from (run it first)."""
+    path = OUT / task / START_RUNS[start]
     if not (path / "results.json").is_file():
         raise SystemExit(
-            f"[quality] {task}: this variant needs the {START_W2A8} run first ({path} is unfinished)"
+            f"[quality] {task}: this variant needs the {START_RUNS[start]} run first ({path} is unfinished)"
         )
     return str(path)
 
@@ -282,8 +286,8 @@ def expand(arg: str, task: str) -> str:
     start from) filled in."""
     if "{teacher}" in arg:
         return arg.format(teacher=teacher_model_dir(task))
-    if "{w2a8}" in arg:
-        return arg.format(w2a8=start_run_dir(task))
+    if "{w2a8}" in arg or "{w8a8}" in arg:
+        return arg.format(**{k: start_run_dir(task, k) for k in START_RUNS if f"{{{k}}}" in arg})
     return arg
 
 
@@ -655,7 +659,7 @@ def render_screen(
 # re-run beside the new variants): multi-step distillation from the W2A8 student, and 6 reduce epochs.
 FIFTH = [
     "teacher", "l3_fp32", "l3_w8a8", DEFAULT, "l3_w2a8_latent_lr20", "l3_w1a8_fast_r6", "l3_w1a8_fast_from_w2",
-    "l3_w1a8_fast_ms",
+    "l3_w1a8_fast_ms", "l3_w1a8_fast_from_w8",
 ]  # fmt: skip
 
 
