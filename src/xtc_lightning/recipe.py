@@ -208,13 +208,15 @@ def check_start_run(path: str, task: str, layers: list[int] | None) -> None:
     """``recipe.start_run``: a finished run folder of ``task`` whose last stage is ``quantize``, its
     student on the teacher ``layers`` (None: not known before the teacher is read). Reads only the
     folder's records; whether its weights fit the student is checked when the stage loads them."""
-    from xtc_lightning.export.run import read_run
+    from xtc_lightning.export.run import quantize_base, read_run
 
     key = f"recipe.start_run={path}"
     if not Path(path).is_dir():
         raise UserError(f"{key} is not accepted: no such folder (a finished quantized run of this task)")
     try:
         results, _ = read_run(Path(path))
+        if "quantize" in results["stages"]:
+            quantize_base(results, Path(path))  # the folder its student is rebuilt on is still there
     except UserError as err:
         raise UserError(f"{key} is not accepted: {err}") from None
     if results.get("task") != task:
