@@ -282,8 +282,8 @@ def run_dir_of(task: str, variant: str, seed: int) -> Path:
 
 
 def expand(arg: str, task: str) -> str:
-    """An override with its `{teacher}` (the cached teacher's folder) or `{w2a8}` (the W2A8 run to
-    start from) filled in."""
+    """An override with its `{teacher}` (the cached teacher's folder), or its `{w2a8}` or `{w8a8}`
+    (the run to start from, ``START_RUNS``), filled in."""
     if "{teacher}" in arg:
         return arg.format(teacher=teacher_model_dir(task))
     if "{w2a8}" in arg or "{w8a8}" in arg:
