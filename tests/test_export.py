@@ -905,3 +905,24 @@ def test_evaluation_settings_come_from_the_file_and_a_missing_length_is_an_error
         with pytest.raises(UserError, match=rf"^{re.escape(str(bare))}: no max_length stored with the file"):
             call()
     assert not list(tmp_path.glob("*.tsv"))  # refused before writing anything
+
+
+def test_weights_that_do_not_fit_the_rebuilt_student_are_one_error():
+    """load_student_weights (xtc export, recipe.start_run): a missing, an unexpected or a reshaped
+    tensor is one UserError naming it; a fitting state loads exactly."""
+    from torch import nn
+
+    from xtc_lightning.export.run import load_student_weights
+
+    student = nn.Linear(3, 2)
+    fits = {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}
+    load_student_weights(student, fits, "w.safetensors")
+    assert torch.equal(student.weight, torch.ones(2, 3))
+    for state, message in [
+        ({"weight": torch.ones(2, 3)}, "(missing ['bias'], unexpected [], other shapes [])"),
+        ({**fits, "extra": torch.ones(1)}, "(missing [], unexpected ['extra'], other shapes [])"),
+        ({**fits, "weight": torch.ones(3, 2)}, "(missing [], unexpected [], other shapes ['weight'])"),
+    ]:
+        with pytest.raises(UserError) as err:
+            load_student_weights(student, state, "w.safetensors")
+        assert str(err.value) == f"w.safetensors: does not fit the rebuilt student {message}"

@@ -31,6 +31,7 @@ from xtc_lightning.export.run import (
     export_model,
     export_run,
     final_form,
+    load_student_weights,
     quantize_base,
     quantize_weights,
     read_run,
@@ -363,15 +364,10 @@ def load_start_run(student: nn.Module, run_dir: str) -> str:
     They must fit it exactly (names and shapes)."""
     results, _ = read_run(Path(run_dir))
     state, source = quantize_weights(Path(run_dir), results)
-    own = student.state_dict()
-    misfit = sorted(set(own) ^ set(state)) + sorted(
-        k for k in own if k in state and own[k].shape != state[k].shape
-    )
-    if misfit:
-        raise UserError(
-            f"recipe.start_run={run_dir}: its weights {source} do not fit this run's student ({misfit[:3]})"
-        )
-    student.load_state_dict(state, strict=True)
+    try:
+        load_student_weights(student, state, source)
+    except UserError as err:
+        raise UserError(f"recipe.start_run={run_dir}: {err}") from None
     return source
 
 

@@ -124,15 +124,23 @@ def rebuild_final_model(
     student = load_classifier(model, task, name_or_path=base)
     apply_quantization(student, quant)
     state, ckpt_path = quantize_weights(run_dir, results)
+    load_student_weights(student, state, ckpt_path)
+    return final_form(student, quant), quant, base, str(ckpt_path)
+
+
+def load_student_weights(student: nn.Module, state: dict, source: str) -> None:
+    """Load a quantize stage's selected ``state`` (from ``source``) into a rebuilt ``student``; it
+    must fit exactly (names and shapes), else one ``UserError`` naming the first misfits."""
     own = student.state_dict()
-    if set(state) != set(own):
-        missing = sorted(set(own) - set(state))[:3]
-        extra = sorted(set(state) - set(own))[:3]
+    missing = sorted(set(own) - set(state))[:3]
+    extra = sorted(set(state) - set(own))[:3]
+    shapes = sorted(k for k in own if k in state and own[k].shape != state[k].shape)[:3]
+    if missing or extra or shapes:
         raise UserError(
-            f"{ckpt_path}: does not fit the rebuilt student (missing {missing}, unexpected {extra})"
+            f"{source}: does not fit the rebuilt student (missing {missing}, unexpected {extra}, "
+            f"other shapes {shapes})"
         )
     student.load_state_dict(state, strict=True)
-    return final_form(student, quant), quant, base, str(ckpt_path)
 
 
 def final_form(student: nn.Module, quant: QuantConfig) -> nn.Module:
