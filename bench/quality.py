@@ -445,18 +445,22 @@ def fmt(x: float | None, unit: str = "") -> str:
     return "–" if x is None else f"{100 * x:.1f}{unit}"
 
 
-def cell(r: dict | None) -> str:
-    """``mean ± std (n seeds)`` or one seed's score, then the score right after quantization
-    (``@0``, when recorded) and the wall time of one run."""
-    if r is None:
-        return "–"
-    score = (
+def seeds_score(r: dict) -> str:
+    """``mean ± std (n seeds)``, or one seed's score."""
+    return (
         fmt(r["score"])
         if r["std"] is None
         else f"{fmt(r['score'])} ± {fmt(r['std'])} ({len(r['runs'])} seeds)"
     )
+
+
+def cell(r: dict | None) -> str:
+    """``seeds_score``, then the score right after quantization (``@0``, when recorded) and the
+    wall time of one run."""
+    if r is None:
+        return "–"
     start = "" if r["score_at_start"] is None else f", @0 {fmt(r['score_at_start'])}"
-    return f"{score}{start} ({r['wall_time_s'] / 60:.0f} min)"
+    return f"{seeds_score(r)}{start} ({r['wall_time_s'] / 60:.0f} min)"
 
 
 class Kept:
@@ -654,11 +658,6 @@ def render_screen(
             r = row.get(v)
             if r is None:
                 continue
-            score = (
-                fmt(r["score"])
-                if r["std"] is None
-                else f"{fmt(r['score'])} ± {fmt(r['std'])} ({len(r['runs'])} seeds)"
-            )
             low_bit = v.startswith(("l3_w1a8_", "l3_w2a8", "l3_w4a8", "l3_w8a8"))
             delta = f"{100 * (r['score'] - plain['score']):+.1f}" if plain is not None and low_bit else ""
             kept = "" if teacher is None else fmt(r["score"] / teacher["score"], "%")
@@ -667,7 +666,7 @@ def render_screen(
             signs = "" if moves is None else fmt(moves["signs_changed"], "%")
             drift = "" if moves is None else "{:.2f}x (max {:.2f}x)".format(*moves["scale_drift"])
             lines.append(
-                f"| {task} | {LABELS[v]} | {score} ({r['wall_time_s'] / 60:.0f} min) | "
+                f"| {task} | {LABELS[v]} | {seeds_score(r)} ({r['wall_time_s'] / 60:.0f} min) | "
                 f"{fmt(r['score_at_start'])} | {delta} | {kept} | {size} | {signs} | {drift} |"
             )
     return "\n".join(lines)
