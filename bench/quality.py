@@ -679,6 +679,13 @@ FIFTH = [
     "l3_w1a8_fast_ms", "l3_w1a8_fast_from_w8",
 ]  # fmt: skip
 
+# The sixth screen (2026-12-01): where CoLA's low-bit loss sits. The bit-width ladder of the same
+# quantize stage (8, 4, 2, 1 bit) and the default with one role kept at 8 bits.
+SIXTH = [
+    "teacher", "l3_fp32", "l3_w8a8", "l3_w4a8", "l3_w2a8_latent_lr20", DEFAULT, "l3_w1a8_fast_qk8",
+    "l3_w1a8_fast_vo8", "l3_w1a8_fast_ffn8", "l3_w1a8_fast_emb8",
+]  # fmt: skip
+
 
 def render_seeds(table: dict, variants: list[str]) -> str:
     """Each seed's score (and right after quantization) of the variants that ran more than one."""
@@ -791,6 +798,21 @@ def main() -> None:
         + " --seeds 42 1 2 --threads 1`.\n\n"
         + render_screen(table, FIFTH, DEFAULT, "the default")
         + ("\n\n" + seeds if (seeds := render_seeds(table, FIFTH)) else ""),
+    )
+    update_keeping_rows(
+        "quality_roles",
+        "Quality: where CoLA's low-bit loss sits (issue 12, sixth screen)",
+        "3L students of the MiniLM teacher on CoLA, from the same cached teacher and 3L fp32 student, "
+        "against the default recipe (W1A8, `recipe=fast_latent`): the same quantize stage with 8-, 4- "
+        "and 2-bit weights, and the default with one role's weights kept at 8 bits (symmetric, one scale "
+        "per row; `quant.weight_by_target`), the rest binary. A role's gain over the default is what "
+        "binarizing it costs. Mixed-precision rows are diagnoses and trade-offs, not 1-bit students. "
+        "Columns as in the screens above; seeds are `quantize.seed`. Run with `python bench/quality.py "
+        "--tasks cola --variants "
+        + " ".join(SIXTH)
+        + " --seeds 42 1 2 --threads 1`.\n\n"
+        + render_screen(table, SIXTH, DEFAULT, "the default")
+        + ("\n\n" + seeds if (seeds := render_seeds(table, SIXTH)) else ""),
     )
 
 
