@@ -170,6 +170,9 @@ VARIANTS.update({
     "l3_w1a8_fast_vo8": [*W1A8_3L, "recipe.latent_lr=2e-3", f"quant.weight_by_target={{value:{W8},attention_output:{W8}}}"],
     "l3_w1a8_fast_ffn8": [*W1A8_3L, "recipe.latent_lr=2e-3", f"quant.weight_by_target={{intermediate:{W8},output:{W8}}}"],
     "l3_w1a8_fast_emb8": [*W1A8_3L, "recipe.latent_lr=2e-3", f"quant.weight_by_target={{word_embeddings:{W8}}}"],
+    # Never screened with fast latent weights: two-stage distillation (TinyBERT/BinaryBERT: attention +
+    # hidden for the first 2 epochs of each distilling stage, then logits; its own reduce stage).
+    "l3_w1a8_fast_two_stage": [*W1A8_3L, "recipe.latent_lr=2e-3", "distill=two_stage"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -236,6 +239,7 @@ LABELS = {
     "l3_w1a8_fast_vo8": "3L W1A8, latent weights at lr 2e-3, with 8-bit value and attention output (a diagnosis)",
     "l3_w1a8_fast_ffn8": "3L W1A8, latent weights at lr 2e-3, with 8-bit FFN (intermediate, output) (a diagnosis)",
     "l3_w1a8_fast_emb8": "3L W1A8, latent weights at lr 2e-3, with 8-bit word embeddings (a diagnosis)",
+    "l3_w1a8_fast_two_stage": "3L W1A8, latent weights at lr 2e-3, two-stage distillation: attention + hidden for 2 epochs, then logits (both stages; its own reduce stage)",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {
@@ -254,7 +258,14 @@ VARIANT_TASKS = {
     "l3_w1a8_fast_r6": ["cola"],
     "l3_w1a8_fast_gt": ["cola"],
     **dict.fromkeys(
-        ["l3_w1a8_fast_qk8", "l3_w1a8_fast_vo8", "l3_w1a8_fast_ffn8", "l3_w1a8_fast_emb8"], ["cola"]
+        [
+            "l3_w1a8_fast_qk8",
+            "l3_w1a8_fast_vo8",
+            "l3_w1a8_fast_ffn8",
+            "l3_w1a8_fast_emb8",
+            "l3_w1a8_fast_two_stage",
+        ],
+        ["cola"],
     ),
 }
 SEED = 42  # the pipeline's default; other seeds vary the quantize stage alone (quantize.seed)
@@ -679,11 +690,13 @@ FIFTH = [
     "l3_w1a8_fast_ms", "l3_w1a8_fast_from_w8",
 ]  # fmt: skip
 
-# The sixth screen (2026-12-01): where CoLA's low-bit loss sits. The bit-width ladder of the same
-# quantize stage (8, 4, 2, 1 bit) and the default with one role kept at 8 bits.
+# The sixth screen (2026-12-01): where CoLA's low-bit loss sits (the bit-width ladder of the same
+# quantize stage, 8, 4, 2, 1 bit, and the default with one role kept at 8 bits), and the levers not yet
+# measured on CoLA with fast latent weights (the latent lr, two-stage distillation).
 SIXTH = [
     "teacher", "l3_fp32", "l3_w8a8", "l3_w4a8", "l3_w2a8_latent_lr20", DEFAULT, "l3_w1a8_fast_qk8",
-    "l3_w1a8_fast_vo8", "l3_w1a8_fast_ffn8", "l3_w1a8_fast_emb8",
+    "l3_w1a8_fast_vo8", "l3_w1a8_fast_ffn8", "l3_w1a8_fast_emb8", "l3_w1a8_latent_lr10", "l3_w1a8_latent_lr40",
+    "l3_w1a8_fast_two_stage",
 ]  # fmt: skip
 
 
@@ -801,12 +814,14 @@ def main() -> None:
     )
     update_keeping_rows(
         "quality_roles",
-        "Quality: where CoLA's low-bit loss sits (issue 12, sixth screen)",
+        "Quality: where CoLA's low-bit loss sits, and the levers left (issue 12, sixth screen)",
         "3L students of the MiniLM teacher on CoLA, from the same cached teacher and 3L fp32 student, "
         "against the default recipe (W1A8, `recipe=fast_latent`): the same quantize stage with 8-, 4- "
         "and 2-bit weights, and the default with one role's weights kept at 8 bits (symmetric, one scale "
         "per row; `quant.weight_by_target`), the rest binary. A role's gain over the default is what "
-        "binarizing it costs. Mixed-precision rows are diagnoses and trade-offs, not 1-bit students. "
+        "binarizing it costs. Mixed-precision rows are diagnoses and trade-offs, not 1-bit students. Then "
+        "the 1-bit levers not yet measured on CoLA: the latent weights' lr (1e-3, 4e-3; the default 2e-3) "
+        "and two-stage distillation (`distill=two_stage`). "
         "Columns as in the screens above; seeds are `quantize.seed`. Run with `python bench/quality.py "
         "--tasks cola --variants "
         + " ".join(SIXTH)
