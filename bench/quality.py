@@ -692,11 +692,12 @@ FIFTH = [
 
 # The sixth screen (2026-12-01): where CoLA's low-bit loss sits (the bit-width ladder of the same
 # quantize stage, 8, 4, 2, 1 bit, and the default with one role kept at 8 bits), and the levers not yet
-# measured on CoLA with fast latent weights (the latent lr, two-stage distillation).
+# measured on CoLA with fast latent weights (the latent lr, two-stage distillation, 6 quantize epochs
+# with seeds).
 SIXTH = [
     "teacher", "l3_fp32", "l3_w8a8", "l3_w4a8", "l3_w2a8_latent_lr20", DEFAULT, "l3_w1a8_fast_qk8",
     "l3_w1a8_fast_vo8", "l3_w1a8_fast_ffn8", "l3_w1a8_fast_emb8", "l3_w1a8_latent_lr10", "l3_w1a8_latent_lr40",
-    "l3_w1a8_fast_two_stage",
+    "l3_w1a8_fast_two_stage", "l3_w1a8_latent_lr20_e6",
 ]  # fmt: skip
 
 
@@ -821,7 +822,7 @@ def main() -> None:
         "per row; `quant.weight_by_target`), the rest binary. A role's gain over the default is what "
         "binarizing it costs. Mixed-precision rows are diagnoses and trade-offs, not 1-bit students. Then "
         "the 1-bit levers not yet measured on CoLA: the latent weights' lr (1e-3, 4e-3; the default 2e-3) "
-        "and two-stage distillation (`distill=two_stage`). "
+        "and two-stage distillation (`distill=two_stage`), and twice the quantize budget (6 epochs). "
         "Columns as in the screens above; seeds are `quantize.seed`. Run with `python bench/quality.py "
         "--tasks cola --variants "
         + " ".join(SIXTH)
