@@ -9,6 +9,11 @@ replaced, with probability ``p``, by one of ``top_k`` candidates drawn uniformly
 * ``mlm``: a masked language model's top predictions at the word's position; the model sees the
   masked sentence followed by the original one (TinyBERT's input), in batches.
 
+``transfer`` replaces no word: its new examples are another task's training texts (``source``,
+one sentence or a pair as the task's), a transfer set in Hinton et al.'s sense: natural text the
+student learns from the teacher alone. ``factor`` x the training examples are drawn (seeded,
+without replacement) from the source's distinct texts that the task's own training set lacks.
+
 Words are the whitespace-separated tokens of a sentence; punctuation around a word stays
 (``said.`` -> ``told.``) and its capitalisation is kept. A word is replaceable when its core is
 ASCII letters, not a stop word, and a single piece of the vocabulary (``movie`` is,
@@ -53,11 +58,12 @@ from xtc_lightning.tasks import TASKS, GlueTask
 log = logging.getLogger("xtc_lightning")
 
 VERSION = "1"  # bump when the generated text changes for the same inputs
-METHODS = ("none", "embedding_nn", "mlm")
+METHODS = ("none", "embedding_nn", "mlm", "transfer")
 KEYS = {
     "none": ("method",),
     "embedding_nn": ("method", "factor", "p", "top_k", "seed", "tasks"),
     "mlm": ("method", "mlm_model", "factor", "p", "top_k", "seed", "tasks"),
+    "transfer": ("method", "source", "factor", "seed", "tasks"),
 }
 # NLTK's English stop words (the alphabetic ones): never replaced, never a candidate.
 NLTK_STOP_WORDS = """i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she
@@ -85,6 +91,7 @@ class AugmentConfig:
     seed: int = 0
     tasks: tuple[str, ...] | None = None
     mlm_model: str | None = None
+    source: str | None = None  # transfer: the task whose training texts are drawn
 
     @classmethod
     def from_dict(cls, cfg: dict) -> AugmentConfig:
@@ -94,13 +101,9 @@ class AugmentConfig:
         check_exact_keys(cfg, KEYS[method], f"augment '{method}'")
         if method == "none":
             return cls(method)
-        factor, p, top_k, seed, tasks = (cfg[k] for k in ("factor", "p", "top_k", "seed", "tasks"))
+        factor, seed, tasks = (cfg[k] for k in ("factor", "seed", "tasks"))
         if not _is_int(factor) or factor < 1:
             raise UserError(f"augment.factor={factor!r} is invalid: expected an integer >= 1")
-        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
-            raise UserError(f"augment.p={p!r} is invalid: expected a probability in (0, 1]")
-        if not _is_int(top_k) or top_k < 1:
-            raise UserError(f"augment.top_k={top_k!r} is invalid: expected an integer >= 1")
         if not _is_int(seed):
             raise UserError(f"augment.seed={seed!r} is invalid: expected an integer")
         if tasks is not None:
@@ -110,6 +113,18 @@ class AugmentConfig:
                     f"({', '.join(TASKS)})"
                 )
             tasks = tuple(tasks)
+        if method == "transfer":
+            source = cfg["source"]
+            if source not in TASKS:
+                raise UserError(
+                    f"augment.source={source!r} is invalid: expected a task name ({', '.join(TASKS)})"
+                )
+            return cls(method, factor, seed=seed, tasks=tasks, source=source)
+        p, top_k = cfg["p"], cfg["top_k"]
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+            raise UserError(f"augment.p={p!r} is invalid: expected a probability in (0, 1]")
+        if not _is_int(top_k) or top_k < 1:
+            raise UserError(f"augment.top_k={top_k!r} is invalid: expected an integer >= 1")
         mlm_model = cfg.get("mlm_model")
         if method == "mlm" and (not isinstance(mlm_model, str) or not mlm_model):
             raise UserError(f"augment.mlm_model={mlm_model!r} is invalid: expected a hub id or a folder")
@@ -117,6 +132,25 @@ class AugmentConfig:
 
     def applies_to(self, task: str) -> bool:
         return self.method != "none" and (self.tasks is None or task in self.tasks)
+
+    def check_source(self, task: GlueTask) -> None:
+        """A transfer source fits ``task`` when it is another task with as many texts per example
+        (a sentence, or a pair); checked at startup, with the task known."""
+        if self.method != "transfer" or not self.applies_to(task.name):
+            return
+        source = TASKS[self.source]
+        if source.name == task.name:
+            raise UserError(
+                f"augment.source={self.source}: the task's own training set; name another task's "
+                f"(a transfer set is text the task does not have)"
+            )
+        if len(source.text_columns) != len(task.text_columns):
+            shape = {1: "a sentence", 2: "a pair"}
+            raise UserError(
+                f"augment.source={self.source}: its examples are {shape[len(source.text_columns)]}, "
+                f"{task.name}'s are {shape[len(task.text_columns)]}; name a task whose examples are "
+                f"{shape[len(task.text_columns)]}"
+            )
 
 
 def _is_int(x) -> bool:
@@ -511,6 +545,23 @@ def augment_examples(
     return Augmented(examples, len(originals), len(texts), path, cached, time.perf_counter() - t0)
 
 
+def transfer_examples(
+    originals: Examples, source: Examples, aug: AugmentConfig, regression: bool
+) -> Examples:
+    """``originals`` followed by ``aug.factor`` x as many texts of ``source``, unlabelled, drawn
+    with ``aug.seed`` from its distinct texts that ``originals`` lacks (all of them when fewer)."""
+    own = set(originals.texts)
+    pool = list(dict.fromkeys(t for t in source.texts if t not in own))
+    k = min(len(pool), aug.factor * len(originals))
+    pick = np.sort(np.random.default_rng(aug.seed).choice(len(pool), size=k, replace=False))
+    unlabelled = float("nan") if regression else -100
+    return Examples(
+        originals.texts + [pool[i] for i in pick],
+        originals.labels + [unlabelled] * k,
+        f"{originals.source_hash}|transfer:{aug.source}:{source.source_hash}:{aug.factor}:{aug.seed}",
+    )
+
+
 def augment_train_set(
     aug: AugmentConfig,
     task: GlueTask,
@@ -529,6 +580,26 @@ def augment_train_set(
         if aug.method != "none":
             log.info("augment: not for %s (augment.tasks = %s)", task.name, list(aug.tasks or ()))
         return None
+    if aug.method == "transfer":
+        t0 = time.perf_counter()
+        originals = datamodule.train_examples
+        source = datamodule.read("train", TASKS[aug.source])
+        datamodule.use_train_examples(transfer_examples(originals, source, aug, task.is_regression))
+        n, added = len(datamodule.train_examples), len(datamodule.train_examples) - len(originals)
+        log.info(
+            "augment %s: %d examples + %d %s training texts (unlabelled) = %d for the distillation stages",
+            task.name, len(originals), added, aug.source, n,
+        )  # fmt: skip
+        return {
+            "method": aug.method,
+            "source": aug.source,
+            "factor": aug.factor,
+            "seed": aug.seed,
+            "original_examples": len(originals),
+            "new_examples": added,
+            "train_examples": n,
+            "wall_time_s": round(time.perf_counter() - t0, 2),
+        }
     if aug.method == "embedding_nn":
         source = EmbeddingNeighbours(teacher.get_input_embeddings().weight, tokenizer, aug.top_k)
     else:

@@ -531,6 +531,8 @@ def run_config(cfg: DictConfig) -> RunConfig:
     builds_student = c["stage"] != "teacher" and task is not None
     if builds_student and augment is not None and augment.method == "mlm" and augment.applies_to(task.name):
         check(check_masked_lm, augment.mlm_model)  # now, not after an hour of teacher training
+    if builds_student and augment is not None:
+        check(augment.check_source, task)
     export = check(ExportConfig.from_dict, c["export"])
     problems.raise_all()
     return RunConfig(

@@ -325,12 +325,15 @@ class GlueDataModule(L.LightningDataModule):
         self.train_fingerprint: str | None = None  # content hash of the (subsampled) train split
         self.dev_sets: dict[str, TokenizedSplit] = {}
 
-    def read(self, split: str) -> Examples:
+    def read(self, split: str, task: GlueTask | None = None) -> Examples:
+        """``split`` of this task (or of ``task``: another task's sentences, ``augment=transfer``),
+        from ``data.dir`` when set, else from the hub."""
+        task = task or self.task
         if self.glue_dir:
             if not Path(self.glue_dir).expanduser().is_dir():
                 raise UserError(f"data.dir '{self.glue_dir}' is not a folder (expected the glue_data layout)")
-            return read_local_split(self.task, self.glue_dir, split)
-        return read_hub_split(self.task, self.hub_dataset, split)
+            return read_local_split(task, self.glue_dir, split)
+        return read_hub_split(task, self.hub_dataset, split)
 
     def _tokenized(self, examples: Examples, split: str) -> TokenizedSplit:
         return load_tokenized(
