@@ -23,8 +23,9 @@ from xtc_lightning.augment import (
     new_versions,
     parse_sentence,
     read_new_examples,
+    transfer_examples,
 )
-from xtc_lightning.data import GlueDataModule, read_local_split, subsample
+from xtc_lightning.data import Examples, GlueDataModule, read_local_split, subsample
 from xtc_lightning.errors import UserError
 from xtc_lightning.tasks import get_task
 
@@ -299,3 +300,72 @@ def test_distillation_trains_on_the_augmented_set_without_labels(tmp_path, glue_
     assert plain["augment"] is None and not plain["stages"]["reduce"]["cached"]
     assert plain["stages"]["reduce"]["train_examples"] == 64
     assert json.loads((tmp_path / "run3" / "results.json").read_text())["augment"] is None
+
+
+def transfer(**overrides) -> AugmentConfig:
+    return AugmentConfig.from_dict(
+        {"method": "transfer", "source": "sst2", "factor": 2, "seed": 0, "tasks": None, **overrides}
+    )
+
+
+def test_transfer_draws_the_sources_unseen_texts_without_labels(glue_dir):
+    cola = subsample(read_local_split(get_task("cola"), glue_dir, "train"), 300, 0)
+    sst2 = read_local_split(get_task("sst2"), glue_dir, "train")
+    a = transfer_examples(cola, sst2, transfer(seed=1), regression=False)
+    assert len(a) == 300 + 600 and a.texts[:300] == cola.texts and a.labels[:300] == cola.labels
+    new = a.texts[300:]
+    assert a.labels[300:] == [-100] * 600  # the teacher alone teaches them
+    assert len(set(new)) == 600 and set(new) <= set(sst2.texts) and not set(new) & set(cola.texts)
+    assert transfer_examples(cola, sst2, transfer(seed=1), regression=False).texts == a.texts
+    assert transfer_examples(cola, sst2, transfer(seed=2), regression=False).texts[300:] != new
+    # keyed by the draw: the tokenized set and the reduced student cached for it
+    assert a.source_hash == f"{cola.source_hash}|transfer:sst2:{sst2.source_hash}:2:1"
+    # a source with fewer new texts than factor x the examples gives all of them, once
+    pairs = Examples([("a", "b"), ("c", "d")], [1.0, 2.0], "h")
+    source = Examples([("a", "b"), ("e", "f"), ("e", "f"), ("g", "h")], [0.0] * 4, "s")
+    b = transfer_examples(pairs, source, transfer(source="mrpc", factor=5), regression=True)
+    assert b.texts == [("a", "b"), ("c", "d"), ("e", "f"), ("g", "h")]
+    assert b.labels[:2] == [1.0, 2.0] and all(math.isnan(x) for x in b.labels[2:])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["augment.source=sst3"], r"augment.source='sst3' is invalid: expected a task name"),
+        (["augment.source=cola"], r"augment.source=cola: the task's own training set"),
+        (["augment.source=mrpc"], r"augment.source=mrpc: its examples are a pair, cola's are a sentence"),
+        (["+augment.p=0.4"], r"augment 'transfer': unknown keys \['p'\]"),
+    ],
+)
+def test_a_transfer_source_that_does_not_fit_fails_before_any_work(
+    tmp_path, glue_dir, tiny_bert_dir, args, message
+):
+    base = [
+        "task=cola", f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", f"data.dir={glue_dir}",
+        f"paths.root_dir={tmp_path}", "augment=transfer",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match=message):
+        pipeline.run(compose_job_config([*base, *args], tmp_path / "run")[0])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_distillation_trains_on_the_transfer_set(tmp_path, glue_dir, tiny_bert_dir):
+    args = [
+        "task=cola", f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", "quant=binary",
+        f"data.dir={glue_dir}", f"paths.root_dir={tmp_path}", "data.max_train_examples=64",
+        "data.max_length=32", "trainer.max_epochs=1", "trainer.limit_val_batches=1",
+        "augment=transfer", "augment.factor=3", "stage=quantize",
+    ]  # fmt: skip
+    results = pipeline.run(compose_job_config(args, tmp_path / "run")[0])
+    aug, stages = results["augment"], results["stages"]
+    assert {k: aug[k] for k in ("method", "source", "factor", "original_examples", "new_examples")} == {
+        "method": "transfer", "source": "sst2", "factor": 3, "original_examples": 64, "new_examples": 192,
+    }  # fmt: skip
+    assert (
+        aug["train_examples"]
+        == stages["reduce"]["train_examples"]
+        == stages["quantize"]["train_examples"]
+        == 256
+    )
+    assert stages["teacher"]["steps"] == 2  # the teacher trained on the 64 originals alone
+    assert stages["reduce"]["steps"] == stages["quantize"]["steps"] == 8
