@@ -349,6 +349,17 @@ def test_a_transfer_source_that_does_not_fit_fails_before_any_work(
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_transfer_source_without_a_training_set_fails_before_the_teacher(tmp_path, glue_dir, tiny_bert_dir):
+    """The local GLUE has QNLI's dev set only: read with the task's own data, before any stage."""
+    args = [
+        "task=rte", f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", f"data.dir={glue_dir}",
+        f"paths.root_dir={tmp_path}", "augment=transfer", "augment.source=qnli",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match=r"QNLI/train.tsv"):
+        pipeline.run(compose_job_config(args, tmp_path / "run")[0])
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # no stage, no config written
+
+
 def test_distillation_trains_on_the_transfer_set(tmp_path, glue_dir, tiny_bert_dir):
     args = [
         "task=cola", f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", "quant=binary",

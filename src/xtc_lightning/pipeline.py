@@ -44,6 +44,7 @@ from xtc_lightning.stages import (
     run_stage,
 )
 from xtc_lightning.student import build_student
+from xtc_lightning.tasks import TASKS
 
 log = logging.getLogger("xtc_lightning")
 
@@ -102,6 +103,9 @@ def run(cfg: DictConfig) -> dict:
         seed=config.seed,
     )
     datamodule.setup("fit")  # read and tokenize now: data errors surface before any training
+    aug = config.augment
+    if aug.method == "transfer" and aug.applies_to(config.task.name) and config.stage != "teacher":
+        datamodule.read("train", TASKS[aug.source])  # the transfer set's source too (read again later)
 
     if is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
