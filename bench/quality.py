@@ -724,6 +724,18 @@ def render_seeds(table: dict, variants: list[str]) -> str:
     return "\n".join(lines)
 
 
+def update_cola_screen(table: dict, name: str, title: str, intro: str, variants: list[str]) -> None:
+    """A CoLA screen's section: ``intro``, the command that runs its ``variants`` with 3 seeds, its
+    table against the default and each seed's score."""
+    command = (
+        f"python bench/quality.py --tasks cola --variants {' '.join(variants)} --seeds 42 1 2 --threads 1"
+    )
+    body = f"{intro} Run with `{command}`.\n\n" + render_screen(table, variants, DEFAULT, "the default")
+    update_keeping_rows(
+        name, title, body + ("\n\n" + seeds if (seeds := render_seeds(table, variants)) else "")
+    )
+
+
 def render_curves(table: dict) -> str:
     """Dev score after each quantize epoch of the long runs (reference budget, 6 epochs) and of the
     lr screen, whose high-lr runs score low until the lr has decayed."""
@@ -808,7 +820,8 @@ def main() -> None:
         + render_screen(table)
         + ("\n\n" + curves if (curves := render_curves(table)) else ""),
     )
-    update_keeping_rows(
+    update_cola_screen(
+        table,
         "quality_multistep",
         "Quality: multi-step distillation (issue 12, fifth screen)",
         "3L W1A8 students of the MiniLM teacher against the default recipe, from the same cached teacher "
@@ -816,13 +829,11 @@ def main() -> None:
         "the binary student starts from the finished 3L W2A8 student of the default recipe (seed 42's run) "
         "and distils from it, layer for layer (`recipe.start_run`, `recipe.teacher=start_run`); *from the "
         "W2A8 student*: the same start, distilled from the task's teacher. Columns as in the screen above; "
-        "seeds are `quantize.seed`. Run with `python bench/quality.py --tasks cola --variants "
-        + " ".join(FIFTH)
-        + " --seeds 42 1 2 --threads 1`.\n\n"
-        + render_screen(table, FIFTH, DEFAULT, "the default")
-        + ("\n\n" + seeds if (seeds := render_seeds(table, FIFTH)) else ""),
+        "seeds are `quantize.seed`.",
+        FIFTH,
     )
-    update_keeping_rows(
+    update_cola_screen(
+        table,
         "quality_roles",
         "Quality: where CoLA's low-bit loss sits, and the levers left (issue 12, sixth screen)",
         "3L students of the MiniLM teacher on CoLA, from the same cached teacher and 3L fp32 student, "
@@ -833,12 +844,8 @@ def main() -> None:
         "the 1-bit levers not yet measured on CoLA: the latent weights' lr (1e-3, 4e-3; the default 2e-3) "
         "and two-stage distillation (`distill=two_stage`), twice the quantize budget (6 epochs), and a "
         "transfer set of natural text (`augment=transfer`: SST-2's training sentences, unlabelled). "
-        "Columns as in the screens above; seeds are `quantize.seed`. Run with `python bench/quality.py "
-        "--tasks cola --variants "
-        + " ".join(SIXTH)
-        + " --seeds 42 1 2 --threads 1`.\n\n"
-        + render_screen(table, SIXTH, DEFAULT, "the default")
-        + ("\n\n" + seeds if (seeds := render_seeds(table, SIXTH)) else ""),
+        "Columns as in the screens above; seeds are `quantize.seed`.",
+        SIXTH,
     )
 
 
