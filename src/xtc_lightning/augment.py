@@ -570,11 +570,13 @@ def augment_train_set(
     tokenizer,
     cache_dir: Path,
     bar: bool,
+    transfer_source: Examples | None = None,
 ) -> dict | None:
     """Switch ``datamodule`` to the augmented training set (distillation stages); the results.json record.
 
-    The neighbours of ``embedding_nn`` come from ``teacher``'s input embeddings. Returns None (and
-    changes nothing) when ``aug`` does not apply to the task.
+    The neighbours of ``embedding_nn`` come from ``teacher``'s input embeddings; ``transfer`` draws
+    from ``transfer_source``, the source task's train split (the pipeline reads it at startup). Returns
+    None (and changes nothing) when ``aug`` does not apply to the task.
     """
     if not aug.applies_to(task.name):
         if aug.method != "none":
@@ -582,9 +584,10 @@ def augment_train_set(
         return None
     if aug.method == "transfer":
         t0 = time.perf_counter()
+        if transfer_source is None:
+            raise ValueError(f"augment=transfer needs {aug.source}'s train split (transfer_source)")
         originals = datamodule.train_examples
-        source = datamodule.read("train", TASKS[aug.source])
-        datamodule.use_train_examples(transfer_examples(originals, source, aug, task.is_regression))
+        datamodule.use_train_examples(transfer_examples(originals, transfer_source, aug, task.is_regression))
         n, added = len(datamodule.train_examples), len(datamodule.train_examples) - len(originals)
         log.info(
             "augment %s: %d examples + %d %s training texts (unlabelled) = %d for the distillation stages",

@@ -104,8 +104,9 @@ def run(cfg: DictConfig) -> dict:
     )
     datamodule.setup("fit")  # read and tokenize now: data errors surface before any training
     aug = config.augment
+    transfer_source = None  # the transfer set's source, read with the task's data
     if aug.method == "transfer" and aug.applies_to(config.task.name) and config.stage != "teacher":
-        datamodule.read("train", TASKS[aug.source])  # the transfer set's source too (read again later)
+        transfer_source = datamodule.read("train", TASKS[aug.source])
 
     if is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +117,7 @@ def run(cfg: DictConfig) -> dict:
     if resuming:
         log.info("resuming the run in %s", run_dir)
     with wandb_run(config.loggers, config.resolved, run_dir) as record_in_wandb:
-        results = run_stages(RunContext(config, datamodule, tokenizer, run_dir))
+        results = run_stages(RunContext(config, datamodule, tokenizer, run_dir, transfer_source))
         record_in_wandb(results)
     if is_rank_zero():
         log.info("stages:\n%s", stage_table(results))
@@ -184,5 +185,12 @@ def prepare_distillation(ctx: RunContext, models: Models, teacher_dir: str, resu
     if models.drops_layers or QuantizeStage().needed(ctx, models):  # a distillation stage runs
         bar = want_progress_bar(config.progress)
         results.augment = augment_train_set(
-            config.augment, config.task, ctx.datamodule, teacher, ctx.tokenizer, config.cache_dir, bar
+            config.augment,
+            config.task,
+            ctx.datamodule,
+            teacher,
+            ctx.tokenizer,
+            config.cache_dir,
+            bar,
+            ctx.transfer_source,
         )

@@ -21,7 +21,7 @@ from torch import nn
 
 from xtc_lightning.cache import cache_folder, from_cache, publish_to_cache, shaping_key
 from xtc_lightning.config import STAGES, RunConfig, stage_seed
-from xtc_lightning.data import GlueDataModule
+from xtc_lightning.data import Examples, GlueDataModule
 from xtc_lightning.distill import enable_attention_scores
 from xtc_lightning.distributed import barrier, is_rank_zero
 from xtc_lightning.errors import UserError
@@ -62,6 +62,8 @@ class RunContext:
     datamodule: GlueDataModule
     tokenizer: object
     run_dir: Path
+    # augment=transfer: the source task's train split, read at startup with the task's own
+    transfer_source: Examples | None = None
 
     @property
     def task(self) -> GlueTask:
