@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from xtc_lightning.quant import QuantConfig, QuantLinear, apply_quantization
+from xtc_lightning.quant import QuantConfig, QuantLinear, apply_quantization, int8
 from xtc_lightning.quant.config import ActivationSpec, WeightSpec
-from xtc_lightning.quant.int8 import int8_training_supported
+from xtc_lightning.quant.int8 import FP32_EXACT, int8_training_supported, integer_gemm, weight_code_max
 
 A8 = ActivationSpec("symmetric", 8, "dynamic")
 
@@ -66,6 +66,51 @@ def test_int8_path_matches_the_fake_quant_path(weight, act_bits, scale_grad):
     torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "spec, k",
+    [
+        (WeightSpec("binary", 1, "row"), 1536),
+        (WeightSpec("symmetric", 4, "row"), 384),
+        (WeightSpec("symmetric", 8, "row"), 1536),
+    ],
+)
+def test_the_float_route_gives_the_int_mm_sums_exactly(spec, k):
+    # every code at its extreme, so the sums reach the bound (8 bits, K = 1536: past 2**24, fp64)
+    g = torch.Generator().manual_seed(0)
+    q = weight_code_max(spec.method, spec.bits)
+    x = torch.randint(-127, 128, (33, k), generator=g, dtype=torch.int8)
+    x[0] = 127
+    w = torch.randint(-q, q + 1, (24, k), generator=g, dtype=torch.int8)
+    w[0] = q
+    bound = k * 127 * q
+    exact = torch._int_mm(x, w.t())
+    assert exact[0, 0] == bound
+    assert torch.equal(integer_gemm(x, w, bound, int_mm=False), exact)
+    assert torch.equal(integer_gemm(x, w, bound, int_mm=True), exact)
+
+
+def test_the_float_route_needs_fp64_past_two_to_the_24():
+    # 1041 products of 127 * 127: an odd sum just past 2**24, which fp32 cannot hold
+    x, w = torch.full((1, 1041), 127, dtype=torch.int8), torch.full((1, 1041), 127, dtype=torch.int8)
+    bound = 1041 * 127 * 127
+    assert bound > FP32_EXACT and bound % 2 == 1
+    assert integer_gemm(x, w, bound, int_mm=False).item() == bound
+    assert torch.mm(x.float(), w.float().t()).item() != bound  # fp32 alone would round it
+
+
+@pytest.mark.parametrize("route", [True, False])
+def test_a_training_step_is_the_same_on_either_gemm_route(route, monkeypatch):
+    torch.manual_seed(0)
+    lin = QuantLinear(nn.Linear(64, 6), WeightSpec("binary", 1, "row"), A8)
+    x = torch.randn(4, 5, 64, requires_grad=True)
+    monkeypatch.setattr(int8, "int_mm_faster", lambda device_type: not route)
+    other = lin(x)
+    monkeypatch.setattr(int8, "int_mm_faster", lambda device_type: route)
+    y = lin(x)
+    assert type(y.grad_fn).__name__ == "_Int8LinearSTEBackward"
+    assert torch.equal(y, other)
 
 
 def test_eval_mode_keeps_the_fp32_reference_path():

@@ -6,12 +6,17 @@ per token, the fake-quant forward is, exactly::
 
     y[t, o] = a_scale[t] * w_scale[o] * sum_i a_code[t, i] * w_code[o, i] + b[o]
 
-The sum runs as ``torch._int_mm`` (int8 x int8 -> int32: exact, |sum| <= K * 127 * 127
-fits int32 for any BERT width; oneDNN's VNNI kernel on CPU is ~4.5x faster than the fp32
-GEMM here), then the two scales and the bias are applied in fp32. The activation codes
-are those of ``fake_quantize_activation`` (same absmax, same ``div`` + ``round``); the
-only difference to the fake-quant forward is fp32 rounding: this one sums exactly and
-rounds twice.
+The sum is exact (``integer_gemm``), then the two scales and the bias are applied in fp32. It
+runs as ``torch._int_mm`` (int8 x int8 -> int32; |sum| <= K * 127 * 127 fits int32 for any BERT
+width) where that is the faster GEMM: with VNNI or AMX, oneDNN's int8 kernel is ~4.5x faster
+than the fp32 GEMM. On a CPU without them (AVX2 only, e.g. AMD EPYC before Zen 4) ``_int_mm``
+is ~25x *slower* than fp32 (384 x 1536, 4096 rows, 1 thread: 2.6 s against 0.11 s), so there
+the same integer codes are multiplied by a float GEMM, which is exact too: every product and
+partial sum is an integer below 2**24 (fp32; fp64 past that bound), whatever the summation
+order. Both routes give the same sums, so the route changes the speed, never a value. The
+activation codes are those of ``fake_quantize_activation`` (same absmax, same ``div`` +
+``round``); the only difference to the fake-quant forward is fp32 rounding: this one sums
+exactly and rounds twice.
 
 ``int8_linear`` is the training op: forward through the integer GEMM, backward the
 straight-through gradients of the fake-quant layer computed from the saved int8 codes
@@ -22,6 +27,9 @@ input takes 1 byte per element instead of 4.
 
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 from torch import Tensor
 
@@ -31,6 +39,8 @@ from xtc_lightning.quant.quantizers import float_weight_codes, scale_gradient
 INT8_MAX = 127
 # Weight methods whose codes are signed integers within int8 (symmetric: |code| <= 2^(k-1) - 1).
 INT8_WEIGHT_METHODS = ("binary", "ternary", "symmetric")
+# fp32 holds every integer up to 2**24 exactly, fp64 up to 2**53.
+FP32_EXACT = 2**24
 
 
 def quantize_per_token(x: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
@@ -83,6 +93,52 @@ def int_mm_usable(x: Tensor, weight: Tensor) -> bool:
     return x.device.type == "cuda" and m > 16 and weight.shape[0] % 8 == 0 and weight.shape[1] % 8 == 0
 
 
+@functools.cache
+def int_mm_faster(device_type: str) -> bool:
+    """Whether ``torch._int_mm`` beats an fp32 GEMM over the same codes on this device (once per
+    process): on CUDA always (int8 tensor cores); on CPU measured on one BERT-sized GEMM, 256 rows
+    of 384 -> 384, best of 3, since torch exposes no VNNI / AMX flag. Only the speed depends on it."""
+    if device_type != "cpu":
+        return True
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-127, 128, (256, 384), generator=g, dtype=torch.int8)
+    w = torch.randint(-1, 2, (384, 384), generator=g, dtype=torch.int8)
+    xf, wf = x.float(), w.float()
+
+    def best(gemm) -> float:
+        gemm()  # the first call may set up kernels
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            gemm()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        return best(lambda: torch._int_mm(x, w.t())) < best(lambda: xf @ wf.t())
+
+
+def integer_gemm(x_codes: Tensor, w_codes: Tensor, bound: int, int_mm: bool | None = None) -> Tensor:
+    """``torch._int_mm(x_codes, w_codes.t())``: the exact int32 sums of int8 ``x_codes (M, K)`` times
+    int8 ``w_codes (N, K)``, from ``_int_mm`` or from a float GEMM over the same codes (fp32 when
+    ``bound``, the largest possible |sum|, is at most 2**24, else fp64), whichever is faster here.
+    ``int_mm``: that route (None: the faster, ``int_mm_faster``; torch.export needs ``_int_mm``)."""
+    if int_mm is None:
+        int_mm = int_mm_faster(x_codes.device.type)
+    if int_mm:
+        return torch._int_mm(x_codes, w_codes.t())
+    dtype = torch.float32 if bound <= FP32_EXACT else torch.float64
+    return torch.mm(x_codes.to(dtype), w_codes.to(dtype).t()).to(torch.int32)
+
+
+def weight_code_max(method: str | None, bits: int) -> int:
+    """The largest |code| of a weight quantizer's int8 codes: 1 for binary and ternary, 2^(k-1) - 1
+    for symmetric k bits, 128 for any other int8 codes (``method`` None: unknown)."""
+    if method in ("binary", "ternary"):
+        return 1
+    return 2 ** (bits - 1) - 1 if method == "symmetric" else 128
+
+
 class _Int8LinearSTE(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -94,7 +150,12 @@ class _Int8LinearSTE(torch.autograd.Function):
         w_codes = codes.reshape(out_features, in_features).to(torch.int8)
         w_scale = scale.reshape(-1).repeat_interleave(out_features // scale.shape[0])
         x_codes, a_scale = quantize_per_token(x.detach().reshape(-1, in_features), qmax)
-        y = rescale(torch._int_mm(x_codes, w_codes.t()), w_scale, a_scale, bias)
+        y = rescale(
+            integer_gemm(x_codes, w_codes, in_features * qmax * weight_code_max(spec.method, spec.bits)),
+            w_scale,
+            a_scale,
+            bias,
+        )
         ctx.save_for_backward(x_codes, a_scale, w_codes, w_scale)
         ctx.x_shape = x.shape
         return y.reshape(*x.shape[:-1], out_features)
