@@ -14,7 +14,7 @@ from xtc_lightning.export import PackedLinear, export_packed, load_packed
 from xtc_lightning.inference import Int8Linear, Int8ResidualNorm, load_runtime, optimize_for_inference
 from xtc_lightning.inference.linear import _can_prepack, onednn_prepack
 from xtc_lightning.inference.linear import _compiled as compiled_kernel
-from xtc_lightning.quant import ActivationSpec, QuantConfig, QuantLinear, WeightSpec, apply_quantization
+from xtc_lightning.quant import ActivationSpec, QuantConfig, QuantLinear, WeightSpec, apply_quantization, int8
 from xtc_lightning.quant.int8 import quantize_per_token
 
 A8 = ActivationSpec("symmetric", 8, "dynamic")
@@ -252,15 +252,33 @@ def test_unpadded_forward_ignores_trailing_padding_and_falls_back_for_left_paddi
 
 @pytest.mark.parametrize("name", ["binary", "sym8", "asym4"])
 def test_onednn_prepacked_gemm_gives_the_int_mm_output_bit_for_bit(name):
-    assert _can_prepack()  # torch's CPU build has oneDNN's int8 linear: the fast path must be live here
+    assert _can_prepack(1)  # torch's CPU build has oneDNN's int8 linear: the fast path must be live here
     layer = quant_linear(WEIGHTS[name], A8, k=37, n=9)
     plain, packed = Int8Linear.from_quant_linear(layer), Int8Linear.from_quant_linear(layer)
+    if not _can_prepack(packed.code_max):
+        # a CPU without VNNI adds product pairs in int16 with saturation: only 8-bit codes can overflow it
+        assert name == "sym8" and _can_prepack(64) and not _can_prepack(127)
+        return
     packed.packed_weight = onednn_prepack(packed.weight_int8)
     x = torch.randn(5, 23, 37) * 3
     with torch.inference_mode():
         out = packed(x)
         assert torch.equal(out, plain(x))  # exact int32 sums, the same fp32 products
         close(out, layer(x))
+
+
+@pytest.mark.parametrize("name", ["binary", "sym8"])
+def test_the_runtime_gemm_is_the_same_on_either_integer_route(name, monkeypatch):
+    layer = quant_linear(WEIGHTS[name], A8, k=37, n=9)
+    fast = Int8Linear.from_quant_linear(layer)
+    x = torch.randn(5, 23, 37) * 3
+    outs = []
+    for route in (True, False):  # torch._int_mm, then the float GEMM over the same codes
+        monkeypatch.setattr(int8, "int_mm_faster", lambda device_type, route=route: route)
+        with torch.inference_mode():
+            outs.append(fast(x))
+    assert torch.equal(*outs)
+    close(outs[0], layer(x))
 
 
 def test_gelu_and_residual_norm_run_in_the_int8_epilogue(tmp_path):

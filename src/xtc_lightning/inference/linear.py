@@ -11,7 +11,11 @@ asymmetric k <= 7 bits (``code - zero_point`` still fits int8) are all stored as
 int8 matrix built once at load (or bit-packed, ``Int8Linear.compact``).
 
 The GEMM runs on oneDNN's prepacked weight with the per-row scale in its epilogue
-(``onednn_gemm``) where this torch build has it, else as ``torch._int_mm``. What follows it
+(``onednn_gemm``) where this torch build has it and it is exact for the layer's weight codes,
+else as ``integer_gemm`` (``torch._int_mm``, or the same exact sums from a float GEMM where that
+is faster: CPUs without VNNI / AMX). On such an AVX2-only CPU oneDNN's int8 kernel adds pairs of
+products in int16 with saturation (``vpmaddubsw``): exact for codes up to |64| (binary, ternary,
+4 bits), not for 8-bit weights, so ``_can_prepack`` checks the layer's code range. What follows it
 runs in one compiled epilogue (inductor, ``kernels.py``) (``epilogue``): the per-token scale and bias, and
 the exact GELU (``fold_gelu``) or the residual add and LayerNorm of HF's output blocks
 (``Int8ResidualNorm``, ``fold_residual_norm``). Where that output is the input of the next int8
@@ -30,7 +34,7 @@ from torch import Tensor, nn
 from xtc_lightning.inference.bitrows import SIGNED_METHODS, pack_rows, unpack_rows
 from xtc_lightning.inference.kernels import Precompiled
 from xtc_lightning.quant import QuantLinear, WeightCodes, weight_codes
-from xtc_lightning.quant.int8 import INT8_MAX, quantize_per_token, token_scale
+from xtc_lightning.quant.int8 import INT8_MAX, integer_gemm, quantize_per_token, token_scale, weight_code_max
 from xtc_lightning.quant.quantizers import activation_qparams, activation_qrange
 
 if TYPE_CHECKING:
@@ -233,6 +237,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
         self.register_buffer("act_scale", act_scale)
         self.act_qmax = act_qmax
+        self.code_max = 128  # the largest |weight code| (``weight_code_max``; unknown: int8's)
         self.compiled = False  # use the compiled (fused, ``Precompiled``) quantize / epilogue kernels
         self.gelu = False  # apply the exact GELU in the epilogue (``fold_gelu``)
         self.packed_weight: Prepacked | None = None  # oneDNN's prepacked weight_int8 (``onednn_prepack``)
@@ -267,6 +272,7 @@ class Int8Linear(nn.Module):
         if packed is None:
             return None
         new = cls(*packed, layer.bias, qmax, act_scale)
+        new.code_max = weight_code_max(codes.method, codes.bits)
         if codes.zero_point is None and codes.method in SIGNED_METHODS:
             new.codes_spec = (codes.method, codes.bits)
         return new
@@ -333,8 +339,12 @@ class Int8Linear(nn.Module):
         codes, a_scale = self.quantize_input(x)
         if packed is not None:
             y, w_scale = onednn_gemm(codes, packed, weight_scale), None
-        else:
-            y, w_scale = torch._int_mm(codes, weight_int8.t()), weight_scale  # (M, N) int32, exact
+        else:  # (M, N) int32, exact; torch.export traces torch._int_mm
+            bound = self.in_features * self.act_qmax * self.code_max
+            y = integer_gemm(
+                codes, weight_int8, bound, int_mm=True if torch.compiler.is_compiling() else None
+            )
+            w_scale = weight_scale
         if residual is not None:
             residual = residual.reshape(y.shape)
         shape = (*x.shape[:-1], weight_scale.shape[0])
@@ -522,13 +532,18 @@ def _can_compile() -> bool:
     return bool(_COMPILED["ok"])
 
 
-def _can_prepack() -> bool:
-    """True if ``onednn_gemm`` exists here and equals ``torch._int_mm`` times the row scale, bit for bit."""
-    if "prepack" not in _COMPILED:
+def _can_prepack(code_max: int = INT8_MAX) -> bool:
+    """True if ``onednn_gemm`` exists here and equals ``torch._int_mm`` times the row scale, bit for
+    bit, for weight codes up to ``code_max`` in magnitude (probed with random codes and with every
+    code at its extreme, where a kernel that adds product pairs in int16 saturates)."""
+    key = f"prepack{code_max}"
+    if key not in _COMPILED:
         ok = False
         g = torch.Generator().manual_seed(0)
-        w = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8)
-        codes = torch.randint(-127, 128, (5, 40), generator=g, dtype=torch.int8)
+        lo, hi = -min(code_max, 128), min(code_max, 127)  # int8
+        w = torch.randint(lo, hi + 1, (24, 40), generator=g, dtype=torch.int8)
+        codes = torch.randint(-127, 128, (6, 40), generator=g, dtype=torch.int8)
+        w[0], w[1], codes[0], codes[1] = hi, lo, 127, -127
         scale = torch.rand(24, generator=g)
         packed = onednn_prepack(w)
         if packed is not None:
@@ -537,5 +552,5 @@ def _can_prepack() -> bool:
                     ok = torch.equal(onednn_gemm(codes, packed, scale), torch._int_mm(codes, w.t()) * scale)
             except RuntimeError:
                 ok = False
-        _COMPILED["prepack"] = ok
-    return bool(_COMPILED["prepack"])
+        _COMPILED[key] = ok
+    return bool(_COMPILED[key])

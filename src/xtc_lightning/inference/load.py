@@ -44,7 +44,7 @@ def optimize_for_inference(
     (query / key / value) as one GEMM (``FusedSiblings``). ``unpad`` installs ``UnpaddedForward`` (BERT-style
     classifiers; see the module docstring). ``prepack`` runs the GEMMs on oneDNN's prepacked
     weights with the per-row scale in the GEMM's epilogue (``onednn_gemm``; where this torch
-    build has the op and it is exact here), else ``torch._int_mm``; the prepacked copies are
+    build has the op and it is exact here for the layer's codes), else ``integer_gemm``; the prepacked copies are
     plain attributes, outside the state dict (``prepack=False`` for ``torch.export``). The
     ``low_memory`` keeps the codes bit-packed (``Int8Linear.compact``, ``BitRowsEmbedding``
     tables whatever this flag) and unpacks each linear's codes at its call (no prepacked copy).
@@ -55,7 +55,7 @@ def optimize_for_inference(
     bool}``.
     """
     use_compile = compile and _can_compile()
-    use_prepack = prepack and not low_memory and _can_prepack()
+    use_prepack = prepack and not low_memory
     fast, fallback = [], []
     groups: dict[tuple, list[Int8Linear]] = {}
     for name, module in list(model.named_modules()):
@@ -67,7 +67,7 @@ def optimize_for_inference(
             continue
         parent, _, child = name.rpartition(".")
         new.compiled = use_compile
-        if use_prepack:
+        if use_prepack and _can_prepack(new.code_max):
             new.packed_weight = onednn_prepack(new.weight_int8)
         if low_memory or new.packed_weight is not None:  # the prepacked copy computes: keep only bits
             new.compact()

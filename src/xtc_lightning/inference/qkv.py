@@ -48,9 +48,18 @@ class FusedSiblings:
 
     @staticmethod
     def key(m: Int8Linear) -> tuple:
-        """Linears with equal keys can share a GEMM: same input width, input quantizer and bias presence."""
+        """Linears with equal keys can share a GEMM: same input width, input quantizer, bias presence
+        and weight codes (the lead's ``code_max`` bounds the group's sums)."""
         scale = None if m.act_scale is None else float(m.act_scale)
-        return (m.in_features, m.act_qmax, scale, m.bias is None, m.weight_int8 is None, m.codes_spec)
+        return (
+            m.in_features,
+            m.act_qmax,
+            scale,
+            m.bias is None,
+            m.weight_int8 is None,
+            m.codes_spec,
+            m.code_max,
+        )
 
     def output(self, x: Tensor) -> Tensor:
         if self.x is not x:

@@ -131,12 +131,12 @@ def integer_gemm(x_codes: Tensor, w_codes: Tensor, bound: int, int_mm: bool | No
     return torch.mm(x_codes.to(dtype), w_codes.to(dtype).t()).to(torch.int32)
 
 
-def weight_code_max(method: str | None, bits: int) -> int:
+def weight_code_max(method: str, bits: int) -> int:
     """The largest |code| of a weight quantizer's int8 codes: 1 for binary and ternary, 2^(k-1) - 1
-    for symmetric k bits, 128 for any other int8 codes (``method`` None: unknown)."""
+    for symmetric k bits, 2^k - 1 for asymmetric ones minus their zero point (at most 128: int8)."""
     if method in ("binary", "ternary"):
         return 1
-    return 2 ** (bits - 1) - 1 if method == "symmetric" else 128
+    return min(2 ** (bits - 1) - 1 if method == "symmetric" else 2**bits - 1, 128)
 
 
 class _Int8LinearSTE(torch.autograd.Function):
