@@ -17,7 +17,9 @@ Models (all built in this process from all-MiniLM-L6-v2 + a seeded 2-label head)
                          codes through oneDNN's int8 GEMM on prepacked weights, compiled
                          epilogues, sdpa attention, padding skipped;
                          ``runtime_w1a8_3L_padded`` the same computing every padded position;
-                         ``runtime_w1a8_3L_int_mm`` the GEMMs as ``torch._int_mm`` (prepack=False);
+                         ``runtime_w1a8_3L_int_mm`` the GEMMs without the prepacked copy
+                         (prepack=False: ``integer_gemm``, i.e. ``torch._int_mm``, or the same
+                         sums from a float GEMM on CPUs where that is faster);
                          ``runtime_w1a8_3L_lowmem`` codes kept bit-packed, unpacked at each call
                          (low_memory=True)
 

@@ -25,7 +25,8 @@ dependency: run this script with the python of a separate benchmark venv::
     bench/.venv-deepspeed/bin/python bench/step_time.py --threads 2 1 --rounds 10 --steps-per-round 4 --profile
 
 (the project venv has no deepspeed: there the script stops unless ``--no-deepspeed``).
-``--breakdown`` adds two of our configs (weights only / activations only) to the rotation
+``--gemm-routes`` adds ours with its integer GEMM forced to ``torch._int_mm`` and to the float GEMM
+over the same codes (``quant/int8.py``: the faster is chosen per machine). ``--breakdown`` adds two of our configs (weights only / activations only) to the rotation
 to attribute our overhead; ``--profile`` prints a torch.profiler op table and times our
 quantizer functions alone on the step's real shapes. ``--threads 2 1`` times each thread
 count in turn (1 thread is the cross-check when the machine is oversubscribed: see
@@ -69,6 +70,7 @@ from xtc_lightning.quant import (  # noqa: E402
     apply_quantization,
     fake_quantize_activation,
     fake_quantize_weight,
+    int8,
     quantization_summary,
     set_quantization_enabled,
 )
@@ -352,23 +354,44 @@ def logits_agreement(models: dict[str, torch.nn.Module], inputs: dict) -> dict:
 # ---------------------------------------------------------------------------- timing
 
 
+@contextlib.contextmanager
+def gemm_route(int_mm: bool | None):
+    """Our int8 training GEMM forced to ``torch._int_mm`` (True) or to the float GEMM over the same
+    codes (False); None: its own choice (``int_mm_faster``). Both give the same values."""
+    if int_mm is None:
+        yield
+        return
+    saved = int8.int_mm_faster
+    int8.int_mm_faster = lambda device_type: int_mm
+    try:
+        yield
+    finally:
+        int8.int_mm_faster = saved
+
+
 class Runner:
     def __init__(
-        self, model: torch.nn.Module, inputs: dict, labels: torch.Tensor, schedule: Callable[[int], None]
+        self,
+        model: torch.nn.Module,
+        inputs: dict,
+        labels: torch.Tensor,
+        schedule: Callable[[int], None],
+        route: bool | None = None,
     ):
         self.model = model.train()
-        self.inputs, self.labels, self.schedule = inputs, labels, schedule
+        self.inputs, self.labels, self.schedule, self.route = inputs, labels, schedule, route
         self.opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
         self.step_no = 0
 
     def step(self) -> tuple[float, float]:
         """One training step; returns (wall seconds, process CPU seconds)."""
         c0, t0 = time.process_time(), time.perf_counter()
-        self.schedule(self.step_no)
-        self.opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(**self.inputs).logits, self.labels)
-        loss.backward()
-        self.opt.step()
+        with gemm_route(self.route):
+            self.schedule(self.step_no)
+            self.opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.model(**self.inputs).logits, self.labels)
+            loss.backward()
+            self.opt.step()
         self.step_no += 1
         return time.perf_counter() - t0, time.process_time() - c0
 
@@ -509,6 +532,8 @@ LABELS = {
     "fp32": "fp32 (plain HF model)",
     "ours": "ours W1A8 (`quant=binary`)",
     "deepspeed": "DeepSpeed 0.19.6 W1A8",
+    "ours_int_mm": "ours W1A8, GEMM forced to `torch._int_mm`",
+    "ours_float_gemm": "ours W1A8, GEMM forced to the float route",
     "ours_w_only": "ours, W1 only (A32, no emb.)",
     "ours_a_only": "ours, A8 only (W32)",
 }
@@ -690,6 +715,11 @@ def main() -> None:
         action="store_true",
         help="torch.profiler tables + our quantizers timed alone (last --threads)",
     )
+    ap.add_argument(
+        "--gemm-routes",
+        action="store_true",
+        help="also time ours with its integer GEMM forced to torch._int_mm and to the float route",
+    )
     ap.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed (e.g. in the project venv)")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
     ap.add_argument(
@@ -737,6 +767,11 @@ def main() -> None:
         }.items():
             models[name] = build_ours(base, c)
             schedules[name] = lambda step, m=models[name], c=c: set_quantization_enabled(m, c.active_at(step))
+    routes = {}
+    if args.gemm_routes:
+        for name, route in {"ours_int_mm": True, "ours_float_gemm": False}.items():
+            models[name], routes[name] = build_ours(base, cfg), route
+            schedules[name] = lambda step, m=models[name]: set_quantization_enabled(m, cfg.active_at(step))
     del base
 
     checks["ours"] = check_ours(models["ours"], inputs["input_ids"])
@@ -752,7 +787,7 @@ def main() -> None:
         sys.exit(f"effective-weight check failed for {failed}: not timing")
 
     names = list(models)
-    runners = {n: Runner(models[n], inputs, labels, schedules[n]) for n in models}
+    runners = {n: Runner(models[n], inputs, labels, schedules[n], routes.get(n)) for n in models}
     loadavg_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     probe = oversubscription_probe()
     by_threads = {}
