@@ -532,7 +532,7 @@ def _can_compile() -> bool:
     return bool(_COMPILED["ok"])
 
 
-def _can_prepack(code_max: int = INT8_MAX) -> bool:
+def _can_prepack(code_max: int) -> bool:
     """True if ``onednn_gemm`` exists here and equals ``torch._int_mm`` times the row scale, bit for
     bit, for weight codes up to ``code_max`` in magnitude (probed with random codes and with every
     code at its extreme, where a kernel that adds product pairs in int16 saturates)."""
