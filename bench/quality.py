@@ -188,6 +188,13 @@ VARIANTS.update({
     # Multi-step from W2A8 was capped by its teacher (19.9 on CoLA): from the W8A8 student instead
     # (25.8), a teacher of the student's own shape that nearly keeps the 6L teacher's score.
     "l3_w1a8_fast_ms_w8": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.start_run={w8a8}", "recipe.teacher=start_run"],
+    # At lr 2e-3 Adam moves every latent weight ~2e-3 a step whatever its gradient, ~5% of a row's
+    # mean|w| (0.035-0.067): near-zero weights flip back and forth on noise. The pull toward
+    # mean|w| * sign(w) (oscillation dampening) lets a sign flip only on a gradient that persists
+    # (possible while lr > pull * mean|w|: the stronger pull freezes the signs earlier as the lr decays).
+    "l3_w1a8_fast_pull3e3": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.latent_pull=3e-3"],
+    "l3_w1a8_fast_pull1e2": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.latent_pull=1e-2"],
+    "l3_w1a8_fast_pull3e2": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.latent_pull=3e-2"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -259,6 +266,10 @@ LABELS = {
     "l3_w1a8_fast_rest3e4": "3L W1A8, latent weights at lr 2e-3, the rest (LayerNorms, biases, position embeddings, head) at 3e-4",
     "l3_w1a8_fast_rest1e3": "3L W1A8, latent weights at lr 2e-3, the rest at 1e-3",
     "l3_w1a8_fast_ms_w8": "3L W1A8, latent weights at lr 2e-3, multi-step: from the finished 3L W8A8 student and distilled from it",
+    **{
+        f"l3_w1a8_fast_pull{k}": f"3L W1A8, latent weights at lr 2e-3, pulled {v} of the way to mean|w| x sign(w) after every step"
+        for k, v in {"3e3": "0.3%", "1e2": "1%", "3e2": "3%"}.items()
+    },
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {
@@ -286,6 +297,9 @@ VARIANT_TASKS = {
             "l3_w1a8_fast_transfer",
             "l3_w1a8_fast_rest1e3",
             "l3_w1a8_fast_ms_w8",
+            "l3_w1a8_fast_pull3e3",
+            "l3_w1a8_fast_pull1e2",
+            "l3_w1a8_fast_pull3e2",
         ],
         ["cola"],
     ),
@@ -731,6 +745,12 @@ SEVENTH = [
     "l3_w1a8_fast_rest1e3", "l3_w1a8_fast_ms_w8",
 ]  # fmt: skip
 
+# The eighth screen (2026-12-01): oscillation dampening of the binary latent weights (recipe.latent_pull).
+EIGHTH = [
+    "teacher", "l3_fp32", "l3_w8a8", DEFAULT, "l3_w1a8_latent_lr20_e6", "l3_w1a8_fast_pull3e3",
+    "l3_w1a8_fast_pull1e2", "l3_w1a8_fast_pull3e2",
+]  # fmt: skip
+
 
 def render_seeds(table: dict, variants: list[str]) -> str:
     """Each seed's score (and right after quantization) of the variants that ran more than one."""
@@ -882,6 +902,20 @@ def main() -> None:
         "W8A8 student and distils from it, layer for layer (`recipe.start_run`, `recipe.teacher=start_run`). "
         "Columns as in the screens above; seeds are `quantize.seed`.",
         SEVENTH,
+    )
+    update_cola_screen(
+        table,
+        "quality_pull",
+        "Quality: oscillation dampening of the binary latent weights (issue 12, eighth screen)",
+        "3L students of the MiniLM teacher on CoLA, from the same cached teacher and 3L fp32 student, "
+        "against the default recipe (W1A8, `recipe=fast_latent`). *Pulled p of the way*: after every "
+        "quantize step each binary latent weight moves the fraction p toward its binary value, its row's "
+        "mean|w| times its sign (`recipe.latent_pull=p`; signs and scales kept, so the forward is "
+        "unchanged): a decoupled form of Nagel et al.'s (2022) oscillation dampening. At the fast latent "
+        "lr Adam moves every latent weight by about the lr each step, ~5% of a row's mean|w|; with the "
+        "pull a sign flips only on a gradient that persists, and only while the lr exceeds p x mean|w| "
+        "(the signs freeze as the lr decays). Columns as in the screens above; seeds are `quantize.seed`.",
+        EIGHTH,
     )
 
 

@@ -22,6 +22,7 @@ from xtc_lightning.quant import (
     clip_latent_weights,
     fake_quantize_weight,
     latent_weights,
+    pull_latent_weights,
     set_weight_form,
 )
 from xtc_lightning.quant.config import ActivationSpec, WeightSpec
@@ -48,6 +49,7 @@ XTC_RECIPE = {  # conf/recipe/xtc.yaml, its latent_weight_decay resolved (optim.
     "latent_lr": None,
     "latent_weight_decay": 0.01,
     "latent_clip": None,
+    "latent_pull": None,
     "attention_scale": 1.0,
     "scale_gradient": False,
     "teacher": "teacher",
@@ -74,6 +76,10 @@ def recipe(**kw) -> Recipe:
         ({"latent_clip": 1}, W1A8, "recipe.latent_clip=1.0 is not accepted: a number > 1 (a multiple of the group's mean|w|), or null"),
         ({"latent_clip": "tight"}, W1A8, "recipe.latent_clip='tight' is not accepted: a finite number"),
         ({"latent_clip": 2}, QuantConfig(), "recipe.latent_clip=2.0 needs binary or ternary weights"),
+        ({"latent_pull": 0}, W1A8, "recipe.latent_pull=0.0 is not accepted: a fraction in (0, 1], or null"),
+        ({"latent_pull": 1.5}, W1A8, "recipe.latent_pull=1.5 is not accepted: a fraction in (0, 1], or null"),
+        ({"latent_pull": "some"}, W1A8, "recipe.latent_pull='some' is not accepted: a finite number"),
+        ({"latent_pull": 0.01}, W2A8, "recipe.latent_pull=0.01 needs binary weights (quant.weight.method=ternary)"),
         ({"attention_scale": float("nan")}, W1A8, "recipe.attention_scale=nan is not accepted: a finite number"),
         ({"progressive": "ramp", "progressive_epochs": 1}, QuantConfig(), "needs quantized weights"),
         ({"scale_gradient": "yes"}, W1A8, "recipe.scale_gradient='yes' is not accepted: true or false"),
@@ -252,9 +258,43 @@ def test_clip_latent_weights_by_hand():
     assert tensor.weight.tolist() == [[1.0, -2.0, 2.671875, -2.671875], [0.5, 0.5, -0.5, 2.671875]]
 
 
-def test_quantize_steps_clip_the_latent_weights(monkeypatch):
-    """With recipe.latent_clip, every optimizer step of a real Lightning fit ends with the clamp,
-    on the student's weights as the step left them; without it there is none."""
+def test_pull_latent_weights_by_hand():
+    """Each binary latent weight moves the fraction rate of the way to mean|w| * sign(w) of its
+    group; signs and group means stay, so the binary weights the forward uses do too; ternary and
+    8-bit weights are left alone."""
+    w = torch.tensor([[1.0, -2.0, 3.0, -6.0], [0.5, 0.5, -0.5, 4.5]])
+
+    def layer(spec: WeightSpec) -> QuantLinear:
+        lin = nn.Linear(4, 2, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        return QuantLinear(lin, spec, A8)
+
+    rows, tensor = layer(BINARY), layer(WeightSpec("binary", 1, "tensor"))
+    ternary, eight = layer(TERNARY), layer(WeightSpec("symmetric", 8, "row"))
+    x = torch.randn(5, 4)
+    before = rows(x)
+    assert pull_latent_weights(nn.ModuleList([rows, tensor, ternary, eight]), 0.25) is None  # no sync
+    # rows: mean|w| 3 and 1.5: w + (+-3 - w) / 4 and w + (+-1.5 - w) / 4
+    assert rows.weight.tolist() == [[1.5, -2.25, 3.0, -5.25], [0.75, 0.75, -0.75, 3.75]]
+    # tensor: mean|w| 18 / 8 = 2.25
+    assert tensor.weight.tolist() == [[1.3125, -2.0625, 2.8125, -5.0625], [0.9375, 0.9375, -0.9375, 3.9375]]
+    assert torch.equal(ternary.weight, w) and torch.equal(eight.weight, w)
+    assert rows.weight.abs().mean(dim=1).tolist() == [3.0, 1.5]  # the scales
+    assert torch.equal(rows.weight.sign(), w.sign())  # the codes
+    assert torch.equal(rows(x), before)  # so the forward is unchanged
+    emb = QuantEmbedding(nn.Embedding(2, 4), BINARY)
+    with torch.no_grad():
+        emb.weight.copy_(w)
+    pull_latent_weights(emb, 0.25)  # an embedding's groups are its token rows
+    assert emb.weight.tolist() == rows.weight.tolist()
+    pull_latent_weights(emb, 1.0)  # the whole way: the binary weight itself
+    assert emb.weight.tolist() == [[3.0, -3.0, 3.0, -3.0], [1.5, 1.5, -1.5, 1.5]]
+
+
+def test_quantize_steps_clip_and_pull_the_latent_weights(monkeypatch):
+    """With recipe.latent_clip (latent_pull), every optimizer step of a real Lightning fit ends with
+    the clamp (the pull), on the student's weights as the step left them; without it there is none."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -298,13 +338,33 @@ def test_quantize_steps_clip_the_latent_weights(monkeypatch):
         trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
         assert trainer.global_step == 3
 
+    pulls = []
+
+    def pull_spy(model, rate):
+        before = [w.detach().clone() for w in latent_weights(model)]
+        pull_latent_weights(model, rate)
+        for b, a in zip(before, latent_weights(model), strict=True):
+            target = b.abs().mean(dim=1, keepdim=True) * torch.where(b >= 0, 1.0, -1.0)
+            assert torch.equal(a.sign(), b.sign())
+            torch.testing.assert_close(a - target, (1 - rate) * (b - target))
+        pulls.append(
+            (rate, sum(int((b != a).sum()) for b, a in zip(before, latent_weights(model), strict=True)))
+        )
+
+    monkeypatch.setattr(modules, "pull_latent_weights", pull_spy)
+
     fit(recipe(latent_lr=1e-2, latent_clip=1.5))
     assert [c for c, *_ in calls] == [1.5] * 3
     assert all(n > 100 and changed == n for _, n, changed, _ in calls)  # it clamps what is beyond the bound
     assert [worst for *_, worst in calls] == pytest.approx([1.5] * 3), calls
+    assert pulls == []
     calls.clear()
+    fit(recipe(latent_lr=1e-2, latent_pull=0.1))
+    assert calls == [] and [r for r, _ in pulls] == [0.1] * 3
+    assert all(n > 1000 for _, n in pulls), pulls  # it moves the student's latent weights
+    pulls.clear()
     fit(recipe(latent_lr=1e-2))
-    assert calls == []
+    assert calls == [] and pulls == []
 
 
 def test_training_follows_the_recipe_and_evaluation_sees_the_final_form():

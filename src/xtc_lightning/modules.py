@@ -24,6 +24,7 @@ from xtc_lightning.metrics import GlueSplitMetric, predictions_from_logits, task
 from xtc_lightning.quant import (
     clip_latent_weights,
     latent_weights,
+    pull_latent_weights,
     set_quantization_enabled,
     set_weight_form,
 )
@@ -281,9 +282,12 @@ class DistillModule(GlueModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        clip = None if self.recipe is None else self.recipe.latent_clip
-        if clip is not None and self.quant.active_at(self.global_step):
-            clip_latent_weights(self.student, clip)
+        if self.recipe is None or not self.quant.active_at(self.global_step):
+            return
+        if self.recipe.latent_clip is not None:
+            clip_latent_weights(self.student, self.recipe.latent_clip)
+        if self.recipe.latent_pull is not None:
+            pull_latent_weights(self.student, self.recipe.latent_pull)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -12,6 +12,7 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
     latent_lr: null             # lr of the binary/ternary latent weights (null: the stage's lr)
     latent_weight_decay: ${optim.weight_decay}  # AdamW decay of the quantized latent weights
     latent_clip: null           # clamp latent weights to +-this * their group's mean|w| (null: off)
+    latent_pull: null           # move binary latent weights this fraction toward mean|w| * sign(w) (null: off)
     attention_scale: 1.0        # quantize stage: distill.weights.attention * this
     scale_gradient: false       # binary / ternary scales get a gradient too
     teacher: teacher            # teacher | fp32_student | start_run: whom the quantize stage distils from
@@ -45,6 +46,17 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
     codes) and cuts the tails, bounding both; it needs no state, so a resumed run clamps exactly
     as an uninterrupted one. Measured on MiniLM it bounds the drift but lifts no score (CoLA at
     c = 2: 19.4 +- 2.3 over 3 seeds against 20.1 +- 1.6; BENCHMARKS.md): off by default.
+
+``latent_pull``
+    After every optimizer step of the quantize stage (while quantization is on), each latent
+    weight behind a binary weight moves the fraction ``latent_pull`` (in (0, 1]) of the way to
+    its binary value ``mean|w| * sign(w)`` (``quant.pull_latent_weights``): a decoupled form of
+    the oscillation dampening of Nagel et al. (2022). Signs and group means are kept, so the
+    forward's binary weights are too; near-zero latent weights are pushed away from the sign
+    threshold, so a sign flips only when its gradient persists, not on Adam's step-to-step noise
+    at the fast latent lr. Against a latent lr ``eta`` a weight at the binary value ``a`` can
+    still flip under a gradient of constant sign only if ``eta > latent_pull * a``; as the lr
+    decays to 0 the pull takes over and freezes the signs. Stateless, exact on resume.
 
 ``teacher``
     ``teacher``       the task's teacher, as in XTC's one-stage distillation: student layer ``i``
@@ -96,6 +108,7 @@ class Recipe:
     latent_lr: float | None
     latent_weight_decay: float
     latent_clip: float | None
+    latent_pull: float | None
     attention_scale: float
     scale_gradient: bool
     teacher: str
@@ -152,6 +165,18 @@ class Recipe:
                     f"recipe.latent_clip={latent_clip} needs binary or ternary weights "
                     f"(quant.weight.method={quant.weight.method})"
                 )
+        latent_pull = d["latent_pull"]
+        if latent_pull is not None:
+            latent_pull = _number(latent_pull, "recipe.latent_pull")
+            if not 0 < latent_pull <= 1:
+                raise UserError(
+                    f"recipe.latent_pull={latent_pull} is not accepted: a fraction in (0, 1], or null"
+                )
+            if quant.weight.method != "binary":
+                raise UserError(
+                    f"recipe.latent_pull={latent_pull} needs binary weights "
+                    f"(quant.weight.method={quant.weight.method})"
+                )
         scale_grad = d["scale_gradient"]
         if not isinstance(scale_grad, bool):
             raise UserError(f"recipe.scale_gradient={scale_grad!r} is not accepted: true or false")
@@ -177,6 +202,7 @@ class Recipe:
             latent_lr=latent_lr,
             latent_weight_decay=_non_negative(d["latent_weight_decay"], "recipe.latent_weight_decay"),
             latent_clip=latent_clip,
+            latent_pull=latent_pull,
             attention_scale=_non_negative(d["attention_scale"], "recipe.attention_scale"),
             scale_gradient=scale_grad,
             teacher=teacher,

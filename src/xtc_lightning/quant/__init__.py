@@ -23,6 +23,7 @@ from xtc_lightning.quant.apply import (
     clip_latent_weights,
     find_quant_targets,
     latent_weights,
+    pull_latent_weights,
     set_quantization_enabled,
     set_weight_form,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "fake_quantize_weight",
     "find_quant_targets",
     "latent_weights",
+    "pull_latent_weights",
     "quantization_summary",
     "set_quantization_enabled",
     "set_weight_form",

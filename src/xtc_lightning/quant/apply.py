@@ -29,7 +29,7 @@ from xtc_lightning.errors import UserError
 from xtc_lightning.models import encoder_layers
 from xtc_lightning.quant.config import LOW_BIT_METHODS, TARGETS, QuantConfig
 from xtc_lightning.quant.layers import QUANT_MODULES, QuantEmbedding, QuantLinear
-from xtc_lightning.quant.quantizers import num_groups
+from xtc_lightning.quant.quantizers import float_weight_codes, num_groups
 
 WORD_EMBEDDINGS = "word_embeddings"
 POOLER = "pooler"
@@ -208,3 +208,21 @@ def clip_latent_weights(model: nn.Module, clip: float) -> None:
             bound = clip * w.abs().mean(dim=1, keepdim=True)
             torch.minimum(w, bound, out=w)
             torch.maximum(w, -bound, out=w)
+
+
+@torch.no_grad()
+def pull_latent_weights(model: nn.Module, rate: float) -> None:
+    """Move, in place, every latent weight behind a binary weight the fraction ``rate`` of the way
+    to the value it stands for: ``w <- w + rate * (mean|w| * sign(w) - w)``, the mean over its
+    quantization group (``weight_spec.groups``). A decoupled form of the oscillation dampening of
+    Nagel et al. (2022), whose loss ``lambda * (w - Q(w))**2`` pulls each latent weight to its
+    quantization level: applied after the optimizer step, like AdamW's weight decay, so Adam does
+    not rescale it. For ``0 < rate <= 1`` it keeps every sign and every group's mean|w|, so the
+    binary weights (codes and scales) the forward uses are unchanged; what changes is how far a
+    weight sits from the sign threshold: near-zero weights are pushed out, so a sign flips only on
+    a gradient that persists. Ternary and 8-bit weights are left alone. Stateless, no device sync."""
+    for m in model.modules():
+        if isinstance(m, QUANT_MODULES) and m.weight_spec.method == "binary":
+            w = m.weight.view(num_groups(m.weight.shape, m.weight_spec.groups), -1)
+            codes, scale, _ = float_weight_codes(w, m.weight_spec)
+            w.lerp_(codes.mul_(scale), rate)
