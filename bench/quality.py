@@ -194,7 +194,6 @@ VARIANTS.update({
     # (possible while lr > pull * mean|w|: the stronger pull freezes the signs earlier as the lr decays).
     "l3_w1a8_fast_pull3e3": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.latent_pull=3e-3"],
     "l3_w1a8_fast_pull1e2": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.latent_pull=1e-2"],
-    "l3_w1a8_fast_pull3e2": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.latent_pull=3e-2"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -268,7 +267,7 @@ LABELS = {
     "l3_w1a8_fast_ms_w8": "3L W1A8, latent weights at lr 2e-3, multi-step: from the finished 3L W8A8 student and distilled from it",
     **{
         f"l3_w1a8_fast_pull{k}": f"3L W1A8, latent weights at lr 2e-3, pulled {v} of the way to mean|w| x sign(w) after every step"
-        for k, v in {"3e3": "0.3%", "1e2": "1%", "3e2": "3%"}.items()
+        for k, v in {"3e3": "0.3%", "1e2": "1%"}.items()
     },
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
@@ -299,7 +298,6 @@ VARIANT_TASKS = {
             "l3_w1a8_fast_ms_w8",
             "l3_w1a8_fast_pull3e3",
             "l3_w1a8_fast_pull1e2",
-            "l3_w1a8_fast_pull3e2",
         ],
         ["cola"],
     ),
@@ -748,7 +746,7 @@ SEVENTH = [
 # The eighth screen (2026-12-01): oscillation dampening of the binary latent weights (recipe.latent_pull).
 EIGHTH = [
     "teacher", "l3_fp32", "l3_w8a8", DEFAULT, "l3_w1a8_latent_lr20_e6", "l3_w1a8_fast_pull3e3",
-    "l3_w1a8_fast_pull1e2", "l3_w1a8_fast_pull3e2",
+    "l3_w1a8_fast_pull1e2",
 ]  # fmt: skip
 
 
