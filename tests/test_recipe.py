@@ -220,16 +220,21 @@ def test_eight_bit_weights_train_at_the_stage_lr():
     assert len(latent_weights(ternary.student)) == 13
 
 
+HAND_W = torch.tensor([[1.0, -2.0, 3.0, -6.0], [0.5, 0.5, -0.5, 4.5]])  # the by-hand tests' latent weights
+
+
+def layer(spec: WeightSpec) -> QuantLinear:
+    """A 4 -> 2 quantized linear on ``HAND_W``."""
+    lin = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(HAND_W)
+    return QuantLinear(lin, spec, A8)
+
+
 def test_clip_latent_weights_by_hand():
     """Each binary/ternary latent weight is clamped to +-clip * mean|w| of its group; signs stay,
     8-bit weights are left alone."""
-    w = torch.tensor([[1.0, -2.0, 3.0, -6.0], [0.5, 0.5, -0.5, 4.5]])
-
-    def layer(spec: WeightSpec) -> QuantLinear:
-        lin = nn.Linear(4, 2, bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-        return QuantLinear(lin, spec, A8)
+    w = HAND_W
 
     def clamped(model: nn.Module, clip: float) -> int:
         """Clamp; return how many weights it changed."""
@@ -262,13 +267,7 @@ def test_pull_latent_weights_by_hand():
     """Each binary latent weight moves the fraction rate of the way to mean|w| * sign(w) of its
     group; signs and group means stay, so the binary weights the forward uses do too; ternary and
     8-bit weights are left alone."""
-    w = torch.tensor([[1.0, -2.0, 3.0, -6.0], [0.5, 0.5, -0.5, 4.5]])
-
-    def layer(spec: WeightSpec) -> QuantLinear:
-        lin = nn.Linear(4, 2, bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-        return QuantLinear(lin, spec, A8)
+    w = HAND_W
 
     rows, tensor = layer(BINARY), layer(WeightSpec("binary", 1, "tensor"))
     ternary, eight = layer(TERNARY), layer(WeightSpec("symmetric", 8, "row"))
