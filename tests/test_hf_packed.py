@@ -136,6 +136,40 @@ def test_pipeline_on_raw_text_returns_label_names(tmp_path, tokenizer):
     assert all(0.5 <= o["score"] <= 1 for o in out)
 
 
+def test_loading_and_the_runtime_do_not_import_lightning(tmp_path, tokenizer):
+    """A deployment imports the package, loads a packed folder the HF way and runs the int8 runtime
+    without importing Lightning (seconds of import time, and no training stack needed): the export
+    package resolves its names on first use. The predictions are those of the exported model."""
+    import subprocess
+    import sys
+
+    model, _, folder = export(tmp_path, tokenizer, W1A8, other_dtype="float32")
+    batch = inputs(tokenizer)
+    torch.save(batch, tmp_path / "batch.pt")
+    code = f"""
+import sys, torch
+import xtc_lightning
+from transformers import AutoModelForSequenceClassification
+from xtc_lightning.inference import optimize_for_inference
+model = optimize_for_inference(AutoModelForSequenceClassification.from_pretrained({str(folder)!r}))
+batch = torch.load({str(tmp_path / "batch.pt")!r}, weights_only=True)
+with torch.no_grad():
+    print(model(**batch).logits.argmax(-1).tolist())
+assert "lightning" not in sys.modules, "lightning was imported"
+import xtc_lightning.export as export
+assert callable(export.export_packed) and "export_packed" in dir(export)
+try:
+    export.no_such_name
+except AttributeError as err:
+    print(err)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    predicted, missing = proc.stdout.strip().splitlines()[-2:]
+    assert predicted == str(logits(model, batch).argmax(-1).tolist())
+    assert missing == "module 'xtc_lightning.export' has no attribute 'no_such_name'"
+
+
 def test_bad_quantization_config_is_refused(tmp_path, tokenizer):
     _, _, folder = export(tmp_path, tokenizer, W1A8)
     config = json.loads((folder / "config.json").read_text())

@@ -20,20 +20,42 @@ Typical use::
     model = load_packed("out/model.safetensors")   # same predictions as ``student``
 """
 
-from xtc_lightning.export.evaluate import evaluate_packed
-from xtc_lightning.export.format import PackedFile, read_packed, write_packed
-from xtc_lightning.export.hf import export_hf
-from xtc_lightning.export.hf_packed import export_hf_packed
-from xtc_lightning.export.layers import PackedEmbedding, PackedLinear
-from xtc_lightning.export.packed import (
-    export_packed,
-    load_packed,
-    load_packed_tokenizer,
-    packed_metadata,
-    tokenizer_dir,
-)
-from xtc_lightning.export.run import export_run
-from xtc_lightning.export.size import SizeReport, size_report
+import importlib
+
+# Each public name and the module that defines it, imported on first use (PEP 562): importing one
+# submodule (``format`` for a config check, ``hf_packed`` to register the "xtc" quantizer) does not
+# import them all, and with them Lightning (``evaluate``), which takes seconds to import.
+_WHERE = {
+    "evaluate_packed": "evaluate",
+    "PackedFile": "format",
+    "read_packed": "format",
+    "write_packed": "format",
+    "export_hf": "hf",
+    "export_hf_packed": "hf_packed",
+    "PackedEmbedding": "layers",
+    "PackedLinear": "layers",
+    "export_packed": "packed",
+    "load_packed": "packed",
+    "load_packed_tokenizer": "packed",
+    "packed_metadata": "packed",
+    "tokenizer_dir": "packed",
+    "export_run": "run",
+    "SizeReport": "size",
+    "size_report": "size",
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value  # once: later lookups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
 
 __all__ = [
     "PackedEmbedding",
