@@ -599,6 +599,7 @@ def test_start_run_hands_a_ternary_run_over_to_a_binary_one(tmp_path, glue_dir, 
     base = [
         "task=rte", f"model.name_or_path={tiny_bert_dir}", "student.num_layers=1", "data.max_train_examples=64",
         "data.max_length=64", "trainer.max_epochs=1", "optim.lr=1e-3", "export.other_dtype=float32", "export.hf=false",
+        f"paths.cache_dir={tmp_path / 'cache'}",  # one teacher and one reduced student for every run
     ]  # fmt: skip
 
     def train(name: str, *args: str) -> dict:
