@@ -46,8 +46,8 @@ sweep: $(STAMP)  ## run a sweep file's grid as a local Hydra multirun (SWEEP=swe
 	set -f; overrides="$$($(BIN)/python -m xtc_lightning.sweeps $(SWEEP))" && $(BIN)/python train.py -m $$overrides $(ARGS)
 
 # The Slurm tests run by themselves first (their jobs on a real cluster must not compete with other
-# tests for the cores), then the rest on $(JOBS) processes. With ARGS selecting no Slurm test the first run collects none (pytest exit 5):
-# accepted, unless XTC_REQUIRE_SLURM says the Slurm tests must run (CI).
+# tests for the cores), then the rest on $(JOBS) processes. When ARGS selects no Slurm test, the
+# first run collects none (pytest exit 5): accepted unless XTC_REQUIRE_SLURM (CI) requires them.
 test: $(STAMP)  ## run the whole test suite (offline)
 	$(BIN)/python -m pytest -m slurm $(ARGS) || [ $$? -eq 5 -a -z "$$XTC_REQUIRE_SLURM" ]
 	$(BIN)/python -m pytest -m "not slurm" -n $(JOBS) --dist worksteal $(ARGS)
