@@ -912,7 +912,9 @@ def main() -> None:
         "unchanged): a decoupled form of Nagel et al.'s (2022) oscillation dampening. At the fast latent "
         "lr Adam moves every latent weight by about the lr each step, ~5% of a row's mean|w|; with the "
         "pull a sign flips only on a gradient that persists, and only while the lr exceeds p x mean|w| "
-        "(the signs freeze as the lr decays). Columns as in the screens above; seeds are `quantize.seed`.",
+        "(the signs freeze as the lr decays). The STS-B rows are the default and 6 quantize epochs, all on "
+        "the AVX2 machine of the seventh screen, whose STS-B teacher rebuilt to 84.5 (`--tasks stsb --variants l3_w1a8_latent_lr20 "
+        "l3_w1a8_latent_lr20_e6`). Columns as in the screens above; seeds are `quantize.seed`.",
         EIGHTH,
     )
 
