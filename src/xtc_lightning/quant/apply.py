@@ -202,12 +202,10 @@ def clip_latent_weights(model: nn.Module, clip: float) -> None:
     kept, so the codes are too; the tails beyond ``clip`` times the scale are cut, which bounds how
     far a weight can wander from the sign threshold and how far its group's scale can drift.
     Stateless: it depends only on the weights. Nothing is read back to the host (no device sync)."""
-    for m in model.modules():
-        if isinstance(m, QUANT_MODULES) and m.weight_spec.method in LOW_BIT_METHODS:
-            w = m.weight.view(num_groups(m.weight.shape, m.weight_spec.groups), -1)
-            bound = clip * w.abs().mean(dim=1, keepdim=True)
-            torch.minimum(w, bound, out=w)
-            torch.maximum(w, -bound, out=w)
+    for _, w in _grouped_latent_weights(model, LOW_BIT_METHODS):
+        bound = clip * w.abs().mean(dim=1, keepdim=True)
+        torch.minimum(w, bound, out=w)
+        torch.maximum(w, -bound, out=w)
 
 
 @torch.no_grad()
@@ -221,8 +219,16 @@ def pull_latent_weights(model: nn.Module, rate: float) -> None:
     binary weights (codes and scales) the forward uses are unchanged; what changes is how far a
     weight sits from the sign threshold: near-zero weights are pushed out, so a sign flips only on
     a gradient that persists. Ternary and 8-bit weights are left alone. Stateless, no device sync."""
-    for m in model.modules():
-        if isinstance(m, QUANT_MODULES) and m.weight_spec.method == "binary":
-            w = m.weight.view(num_groups(m.weight.shape, m.weight_spec.groups), -1)
-            codes, scale, _ = float_weight_codes(w, m.weight_spec)
-            w.lerp_(codes.mul_(scale), rate)
+    for m, w in _grouped_latent_weights(model, ("binary",)):
+        codes, scale, _ = float_weight_codes(w, m.weight_spec)
+        w.lerp_(codes.mul_(scale), rate)
+
+
+def _grouped_latent_weights(model: nn.Module, methods) -> list[tuple[nn.Module, torch.Tensor]]:
+    """Each quantized module whose weight method is in ``methods``, with a ``(groups, -1)`` view of
+    its latent weight (in place edits of the view change the weight)."""
+    return [
+        (m, m.weight.view(num_groups(m.weight.shape, m.weight_spec.groups), -1))
+        for m in model.modules()
+        if isinstance(m, QUANT_MODULES) and m.weight_spec.method in methods
+    ]
