@@ -194,6 +194,11 @@ VARIANTS.update({
     # (possible while lr > pull * mean|w|: the stronger pull freezes the signs earlier as the lr decays).
     "l3_w1a8_fast_pull3e3": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.latent_pull=3e-3"],
     "l3_w1a8_fast_pull1e2": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.latent_pull=1e-2"],
+    # The binary student's attention-score MSE is ~95% of its gradient and pays for scales its binary
+    # weights cannot reach; attention x0.1 lowered CoLA. BiBERT's direction matching instead: the
+    # normalised distance between the q, k, v similarity matrices and between the hidden states
+    # (scale-free, each term in [0, 2]).
+    "l3_w1a8_fast_dmd": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.direction_matching=true"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -269,6 +274,7 @@ LABELS = {
         f"l3_w1a8_fast_pull{k}": f"3L W1A8, latent weights at lr 2e-3, pulled {v} of the way to mean|w| x sign(w) after every step"
         for k, v in {"3e3": "0.3%", "1e2": "1%"}.items()
     },
+    "l3_w1a8_fast_dmd": "3L W1A8, latent weights at lr 2e-3, BiBERT's direction matching: q/k/v similarity and hidden directions instead of the attention-score and hidden MSE",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {
@@ -302,6 +308,7 @@ VARIANT_TASKS = {
         ["cola"],
     ),
     "l3_w1a8_fast_rest3e4": ["cola", "stsb"],
+    "l3_w1a8_fast_dmd": ["cola", "stsb", "mrpc"],
 }
 SEED = 42  # the pipeline's default; other seeds vary the quantize stage alone (quantize.seed)
 
@@ -749,6 +756,9 @@ EIGHTH = [
     "l3_w1a8_fast_pull1e2",
 ]  # fmt: skip
 
+# The ninth screen (2026-12-01): the loss's balance, BiBERT's direction-matching distillation.
+NINTH = ["teacher", "l3_fp32", "l3_w8a8", DEFAULT, "l3_w1a8_latent_lr20_e6", "l3_w1a8_fast_dmd"]
+
 
 def render_seeds(table: dict, variants: list[str]) -> str:
     """Each seed's score (and right after quantization) of the variants that ran more than one."""
@@ -916,6 +926,20 @@ def main() -> None:
         "the AVX2 machine of the seventh screen, whose STS-B teacher rebuilt to 84.5 (`--tasks stsb --variants l3_w1a8_latent_lr20 "
         "l3_w1a8_latent_lr20_e6`). Columns as in the screens above; seeds are `quantize.seed`.",
         EIGHTH,
+    )
+    update_cola_screen(
+        table,
+        "quality_dmd",
+        "Quality: direction-matching distillation (issue 12, ninth screen)",
+        "3L students of the MiniLM teacher, from the same cached teacher and 3L fp32 student per task, "
+        "against the default recipe (W1A8, `recipe=fast_latent`), on the AVX2 machine of the seventh "
+        "screen. *Direction matching* (`recipe.direction_matching=true`; BiBERT, Qin et al. 2022): in the "
+        "quantize stage the attention-score MSE becomes the normalised distance || S/||S|| - T/||T|| || "
+        "between the student's and the teacher's query, key and value similarity matrices (x.x^T per "
+        "head), and the hidden states' MSE the same distance between the hidden states; the logits loss "
+        "is unchanged. STS-B and MRPC too: `--tasks stsb mrpc --variants l3_w1a8_latent_lr20 "
+        "l3_w1a8_fast_dmd`. Columns as in the screens above; seeds are `quantize.seed`.",
+        NINTH,
     )
 
 

@@ -18,9 +18,13 @@ from xtc_lightning.distill import (
     distill_losses,
     enable_attention_scores,
     ground_truth_loss,
+    hidden_direction_loss,
     hidden_loss,
     logits_loss,
     loss_weights_at,
+    qkv_direction_loss,
+    record_projections,
+    similarity,
     teacher_needed,
 )
 from xtc_lightning.errors import UserError
@@ -215,6 +219,122 @@ def test_distill_losses_skips_zero_weights_and_explains_missing_outputs():
         distill_losses(student, teacher, mask, [0], ft)
     with pytest.raises(UserError, match="exactly the keys"):
         distill_losses(student, teacher, mask, [0], {"logits": 1.0})
+
+
+# ----------------------------------------------------------------------------- direction matching
+
+
+def test_hidden_direction_loss_by_hand_is_blind_to_scale_and_padding():
+    mask = torch.tensor([[1, 1, 0]])
+    teacher = torch.tensor([[[3.0, 0.0], [0.0, 4.0], [99.0, 99.0]]])  # ||real|| = 5
+    # the same direction at another scale: 0, whatever the padded token holds
+    scaled = 7 * teacher
+    scaled[0, 2] = -1e4
+    assert hidden_direction_loss([scaled], [teacher], mask).item() == pytest.approx(0.0, abs=1e-7)
+    # (0.6, 0, 0, 0.8) against (0, 1, 0, 0): sqrt(0.36 + 1 + 0.64)
+    other = torch.tensor([[[0.0, 2.0], [0.0, 0.0], [5.0, 5.0]]])
+    assert hidden_direction_loss([other], [teacher], mask).item() == pytest.approx(math.sqrt(2.0))
+    # opposite directions are the farthest apart (2); layers are summed
+    assert hidden_direction_loss([-teacher, other], [teacher, teacher], mask).item() == pytest.approx(
+        2.0 + math.sqrt(2.0)
+    )
+
+
+def test_similarity_and_qkv_direction_loss_by_hand():
+    x = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])  # (batch 1, head 1, seq 2, d 2)
+    expected = torch.tensor([[[[1.0, 1.0], [1.0, 2.0]]]]) / math.sqrt(2)
+    torch.testing.assert_close(similarity(x), expected)
+    mask = torch.tensor([[1, 1]])
+    same = (x, 2 * x, x)
+    # q and v match in direction exactly; k = 3x has similarity 9x: still the same direction
+    assert qkv_direction_loss([same], [(x, 3 * x, x)], mask).item() == pytest.approx(0.0, abs=1e-6)
+    y = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]])  # similarity [[1, 0], [0, 1]] / sqrt 2
+    # S/||S|| = [1, 1, 1, 2]/sqrt 7, T/||T|| = [1, 0, 0, 1]/sqrt 2, once (the query only)
+    a = torch.tensor([1.0, 1.0, 1.0, 2.0]) / math.sqrt(7)
+    b = torch.tensor([1.0, 0.0, 0.0, 1.0]) / math.sqrt(2)
+    loss = qkv_direction_loss([same], [(y, 2 * x, x)], mask)
+    assert loss.item() == pytest.approx((a - b).norm().item(), rel=1e-6)
+
+
+def test_qkv_direction_loss_ignores_padded_pairs():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    student = [tuple(torch.randn(2, 2, 4, 3) for _ in range(3))]
+    teacher = [tuple(torch.randn(2, 2, 4, 3) for _ in range(3))]
+    base = qkv_direction_loss(student, teacher, mask)
+    junk = [tuple(t.clone() for t in student[0])]
+    junk[0][1][0, :, 3] = 1e3  # example 0's padded token
+    assert qkv_direction_loss(junk, teacher, mask).item() == pytest.approx(base.item(), rel=1e-6)
+    assert qkv_direction_loss(junk, teacher, torch.ones(2, 4)).item() != pytest.approx(base.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_record_projections_gives_each_layers_q_k_v_by_heads(arch):
+    ids, mask = padded_batch()
+    model = tiny_classifier(arch, num_layers=3)
+    hooks = sum(len(m._forward_hooks) for m in model.modules())  # transformers' own
+    with record_projections(model) as qkv:
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert len(qkv) == 3
+    if arch == "distilbert":
+        attn = model.distilbert.transformer.layer[1].attention
+        lins = (attn.q_lin, attn.k_lin, attn.v_lin)
+    else:
+        attn = model.bert.encoder.layer[1].attention.self
+        lins = (attn.query, attn.key, attn.value)
+    h = out.hidden_states[1]  # layer 1's input
+    for got, lin in zip(qkv[1], lins, strict=True):
+        assert got.shape == (3, 2, 8, 8)
+        torch.testing.assert_close(got, _heads(lin(h), 2))
+    # the hooks are gone after the block; a disabled block records nothing
+    with record_projections(model, enabled=False) as nothing:
+        model(input_ids=ids, attention_mask=mask)
+    assert nothing is None
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+    # no forward ran inside the block: an error, not an empty record
+    with pytest.raises(RuntimeError, match="no forward"), record_projections(model):
+        pass
+
+
+def test_direction_matching_losses_of_real_models_are_blind_to_the_projections_scale():
+    """A 1-layer teacher and a student equal to it but with its query projection x3: the attention
+    scores' MSE sees the difference, the q/k/v direction loss does not (the similarity matrices
+    differ by x9 only); the hidden states differ in direction (softmax is not scale-free)."""
+    ids, mask = padded_batch()
+    teacher = enable_attention_scores(tiny_classifier("bert", num_layers=1))
+    student = build_student(teacher, [0])
+    with torch.no_grad():
+        student.bert.encoder.layer[0].attention.self.query.weight.mul_(3)
+        student.bert.encoder.layer[0].attention.self.query.bias.mul_(3)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    with record_projections(teacher) as t_qkv:
+        t_out = distill_forward(teacher, inputs, attention=True, hidden=True)
+    with record_projections(student) as s_qkv:
+        s_out = distill_forward(student, inputs, attention=True, hidden=True)
+    kd = {"logits": 1.0, "attention": 1.0, "hidden": 1.0, "ground_truth": 0.0}
+    plain = distill_losses(s_out, t_out, mask, [0], kd)
+    matched = distill_losses(s_out, t_out, mask, [0], kd, direction=True, projections=(s_qkv, t_qkv))
+    assert set(matched) == {"logits", "qkv_direction", "hidden_direction", "total"}
+    assert plain["attention"].item() > 1.0
+    assert matched["qkv_direction"].item() == pytest.approx(0.0, abs=1e-5)
+    assert matched["hidden_direction"].item() > 1e-3
+    assert torch.equal(matched["logits"], plain["logits"])
+    weighted = distill_losses(
+        s_out,
+        t_out,
+        mask,
+        [0],
+        {**kd, "attention": 2.0, "hidden": 0.5},
+        direction=True,
+        projections=(s_qkv, t_qkv),
+    )
+    expected = weighted["logits"] + 2.0 * weighted["qkv_direction"] + 0.5 * weighted["hidden_direction"]
+    assert weighted["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    # the student's gradient flows through its recorded projections
+    matched["total"].backward()
+    assert student.bert.encoder.layer[0].attention.self.key.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs the projections"):
+        distill_losses(s_out, t_out, mask, [0], kd, direction=True)
 
 
 # ----------------------------------------------------------------------------- scores implementation

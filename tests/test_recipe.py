@@ -51,6 +51,7 @@ XTC_RECIPE = {  # conf/recipe/xtc.yaml, its latent_weight_decay resolved (optim.
     "latent_clip": None,
     "latent_pull": None,
     "attention_scale": 1.0,
+    "direction_matching": False,
     "scale_gradient": False,
     "teacher": "teacher",
     "start_run": None,
@@ -82,6 +83,7 @@ def recipe(**kw) -> Recipe:
         ({"latent_pull": 0.01}, W2A8, "recipe.latent_pull=0.01 needs binary weights (quant.weight.method=ternary)"),
         ({"attention_scale": float("nan")}, W1A8, "recipe.attention_scale=nan is not accepted: a finite number"),
         ({"progressive": "ramp", "progressive_epochs": 1}, QuantConfig(), "needs quantized weights"),
+        ({"direction_matching": "yes"}, W1A8, "recipe.direction_matching='yes' is not accepted: true or false"),
         ({"scale_gradient": "yes"}, W1A8, "recipe.scale_gradient='yes' is not accepted: true or false"),
         ({"scale_gradient": True}, QuantConfig(), "scale_gradient=true needs binary or ternary weights"),
         ({"teacher": "student"}, W1A8, "recipe.teacher='student' is not accepted: teacher | fp32_student | start_run"),
@@ -364,6 +366,70 @@ def test_quantize_steps_clip_and_pull_the_latent_weights(monkeypatch):
     pulls.clear()
     fit(recipe(latent_lr=1e-2))
     assert calls == [] and pulls == []
+
+
+def test_direction_matching_trains_the_quantized_student_on_the_direction_losses():
+    """recipe.direction_matching in a real Lightning fit of a W1A8 student: the logged losses are
+    the logits, q/k/v direction and hidden direction losses (no attention-score or hidden MSE),
+    the total is their weighted sum (attention_scale applies), and the first step's values equal
+    the losses computed apart from the module, on the quantized student's own projections."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from xtc_lightning.distill import distill_forward, distill_losses, record_projections
+
+    torch.manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(0, 20, (4, 8)),
+        "attention_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [1] * 8, [1] * 2 + [0] * 6]),
+        "labels": torch.randint(0, 3, (4,)),
+    }
+    module = distill_module(recipe(latent_lr=1e-2, direction_matching=True, attention_scale=0.5))
+    enable_attention_scores(module.teacher)
+    enable_attention_scores(module.student)
+    for m in module.student.modules():  # no dropout: the first step's forward is computed again below
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    module.on_train_batch_start(batch, 0)  # the training form of step 0
+    with torch.no_grad(), record_projections(module.teacher) as t_qkv:
+        t_out = distill_forward(module.teacher, inputs, attention=False, hidden=True)
+    with torch.no_grad(), record_projections(module.student) as s_qkv:
+        s_out = distill_forward(module.student, inputs, attention=False, hidden=True)
+    expected = distill_losses(
+        s_out, t_out, batch["attention_mask"], [0, 1], {"logits": 1.0, "attention": 0.5, "hidden": 1.0,
+        "ground_truth": 0.0}, direction=True, projections=(s_qkv, t_qkv),
+    )  # fmt: skip
+    before = module.student.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append({k: float(v) for k, v in outputs.items() if k != "loss"})
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, callbacks=[Record()],
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader([batch, batch], batch_size=None))
+    assert set(seen[0]) == {
+        "train/logits_loss",
+        "train/qkv_direction_loss",
+        "train/hidden_direction_loss",
+        "train/loss",
+    }
+    first = seen[0]
+    total = (
+        first["train/logits_loss"]
+        + 0.5 * first["train/qkv_direction_loss"]
+        + first["train/hidden_direction_loss"]
+    )
+    assert first["train/loss"] == pytest.approx(total, rel=1e-5)
+    assert 0 < first["train/qkv_direction_loss"] < 2 * 3 * 2  # 2 layers x q, k, v, each in [0, 2]
+    for name in ("logits", "qkv_direction", "hidden_direction"):
+        assert first[f"train/{name}_loss"] == pytest.approx(expected[name].item(), rel=1e-5), name
+    assert seen[1]["train/loss"] != pytest.approx(first["train/loss"], rel=1e-4)  # it trains
+    assert module.student.bert.encoder.layer[0].attention.self.query.weight.ne(before).any()
 
 
 def test_training_follows_the_recipe_and_evaluation_sees_the_final_form():

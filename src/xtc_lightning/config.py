@@ -461,6 +461,14 @@ def _student(d: Mapping, stage: str, depth: int | None) -> StudentConfig:
     return StudentConfig(d["name"], None if layers is None else tuple(layers), d["num_layers"])
 
 
+def _check_direction_matching(distill: DistillConfig) -> None:
+    if not distill.weights["attention"] and not distill.weights["hidden"]:
+        raise UserError(
+            f"recipe.direction_matching=true changes the attention and hidden losses, but distill="
+            f"{distill.name} weights both 0: use distill=xtc or set recipe.direction_matching=false"
+        )
+
+
 def _distilling_stages(last: str, student: Mapping, depth: int | None, quant: QuantConfig) -> list[str]:
     """The distillation stages the run reaches (``reduce`` when the student drops teacher layers,
     ``quantize`` when ``quant`` quantizes). ``reduce`` is left out at an unknown teacher ``depth``:
@@ -518,6 +526,8 @@ def run_config(cfg: DictConfig) -> RunConfig:
         layers = None if depth is None else student.select(depth)
         check(check_start_run, recipe.start_run, task.name, layers)
     distill = check(DistillConfig.from_dict, c["distill"])
+    if recipe is not None and distill is not None and recipe.direction_matching:
+        check(_check_direction_matching, distill)
     if (
         distill is not None
         and distill.intermediate_fraction

@@ -15,6 +15,20 @@ Losses, all pure functions of tensors:
 * ``ground_truth``: CE (or MSE for regression) against labels, on labelled examples only
   (label ``-100`` / ``NaN`` marks an unlabelled, e.g. augmented, example).
 
+Direction matching (BiBERT, Qin et al. 2022; ``recipe.direction_matching`` in the quantize
+stage) replaces the attention and hidden losses, under their weights, with scale-free ones:
+
+* ``qkv_direction``: for each distilled layer and each of the query, key and value projections
+  ``x`` (per head), the similarity matrix ``x.x^T / sqrt(d_head)`` of shape ``(batch, heads, seq,
+  seq)``; the loss is ``|| S/||S|| - T/||T|| ||`` (Frobenius norms over the whole batch's tensor,
+  padded pairs zeroed), summed over the three projections and the layers. A 1-bit student's
+  projections can point where the teacher's do at any scale; the MSE of attention scores also
+  pays for the scale, and dominates its gradient.
+* ``hidden_direction``: the same normalised distance between hidden states (real tokens),
+  summed over layers (embedding output included).
+
+BiBERT's reference takes these norms over padded positions too; here they are masked out.
+
 Summing over layers follows TinyBERT and the XTC reference; masking and the normalisation by
 real elements fix the reference, whose MSE also ran over padded positions and the mask itself.
 
@@ -27,7 +41,8 @@ exactly what ``"eager"`` computes but returns the raw scaled scores as the atten
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +58,10 @@ SCORES_IMPLEMENTATION = "xtc_scores"
 LOSS_NAMES = ("logits", "attention", "hidden", "ground_truth")
 KD_LOSSES = ("logits", "attention", "hidden")  # the ones that need a teacher
 DISTILL_KEYS = ("name", "temperature", "weights", "intermediate_fraction")
+# The weight each direction-matching loss is counted under (see the module docstring).
+DIRECTION_LOSSES = {"qkv_direction": "attention", "hidden_direction": "hidden"}
+# Query, key and value projections of a self-attention module: BERT / RoBERTa, DistilBERT.
+PROJECTIONS = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
 
 
 # --------------------------------------------------------------------------- attention scores
@@ -129,6 +148,62 @@ def distill_forward(model: nn.Module, inputs: Mapping[str, Tensor], attention: b
     return model(**inputs, output_attentions=attention, output_hidden_states=hidden)
 
 
+def _projections(model: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
+    """The (query, key, value) projections of each self-attention layer of ``model``, in order."""
+    found = []
+    for module in model.modules():
+        for names in PROJECTIONS:
+            if all(isinstance(getattr(module, n, None), nn.Module) for n in names):
+                found.append(tuple(getattr(module, n) for n in names))
+                break
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not found or len(found) != layers:
+        raise UserError(
+            f"{type(model).__name__}: found {len(found)} self-attention layers with query, key and value "
+            f"projections for {layers} layers: direction matching cannot distil it "
+            f"(set recipe.direction_matching=false)"
+        )
+    return found
+
+
+@contextmanager
+def record_projections(model: nn.Module, enabled: bool = True) -> Iterator[list[tuple] | None]:
+    """Within the block, record the query, key and value projections of each layer of ``model``.
+
+    Yields a list that the model's next forward fills with one ``(q, k, v)`` per layer, each
+    ``(batch, heads, seq, d_head)`` as the attention receives it (the projection's output; the
+    gradient flows through it). Yields ``None`` and records nothing if not ``enabled``.
+    """
+    if not enabled:
+        yield None
+        return
+    heads = model.config.num_attention_heads
+    layers = _projections(model)
+    recorded: list[list] = [[None] * 3 for _ in layers]
+
+    def keep(i: int, j: int):
+        def hook(_module, _inputs, output: Tensor) -> None:
+            b, n, width = output.shape
+            recorded[i][j] = output.view(b, n, heads, width // heads).transpose(1, 2)
+
+        return hook
+
+    handles = [
+        projection.register_forward_hook(keep(i, j))
+        for i, projections in enumerate(layers)
+        for j, projection in enumerate(projections)
+    ]
+    out: list[tuple] = []
+    try:
+        yield out
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(x is None for layer in recorded for x in layer):
+        raise RuntimeError("record_projections: the block ran no forward of every layer's projections")
+    out.extend(tuple(layer) for layer in recorded)
+
+
 # --------------------------------------------------------------------------- losses
 
 
@@ -194,6 +269,54 @@ def hidden_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], attention_
     return total
 
 
+def _direction(student: Tensor, teacher: Tensor, keep: Tensor) -> Tensor:
+    """``|| s/||s|| - t/||t|| ||`` over the entries where ``keep`` (broadcast) holds."""
+    s = torch.where(keep, student.float(), 0.0)
+    t = torch.where(keep, teacher.float(), 0.0)
+    return (s / s.norm().clamp_min(1e-12) - t / t.norm().clamp_min(1e-12)).norm()
+
+
+def similarity(x: Tensor) -> Tensor:
+    """``x.x^T / sqrt(d)`` over the last two dimensions: ``(..., seq, d) -> (..., seq, seq)``."""
+    return torch.matmul(x, x.transpose(-1, -2)) * x.shape[-1] ** -0.5
+
+
+def qkv_direction_loss(
+    student: Sequence[tuple[Tensor, Tensor, Tensor]],
+    teacher: Sequence[tuple[Tensor, Tensor, Tensor]],
+    attention_mask: Tensor,
+) -> Tensor:
+    """BiBERT's direction matching of the query, key and value similarity matrices.
+
+    ``student[l]``, ``teacher[l]``: ``(q, k, v)``, each ``(batch, heads, seq, d_head)``, for
+    matched layers. For each layer and projection: the normalised distance (see ``_direction``)
+    between the ``similarity`` matrices over real (query, key) pairs; summed.
+    """
+    if len(student) != len(teacher) or not student:
+        raise ValueError(
+            f"qkv_direction loss needs matched, non-empty layer lists ({len(student)} vs {len(teacher)})"
+        )
+    real = attention_mask.bool()
+    pairs = (real[:, :, None] & real[:, None, :])[:, None]  # (batch, 1, seq, seq)
+    total = 0.0
+    for s_layer, t_layer in zip(student, teacher, strict=True):
+        for s, t in zip(s_layer, t_layer, strict=True):
+            if s.shape[:-1] != t.shape[:-1]:
+                raise ValueError(f"qkv_direction loss: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+            total = total + _direction(similarity(s.float()), similarity(t.float()), pairs)
+    return total
+
+
+def hidden_direction_loss(
+    student: Sequence[Tensor], teacher: Sequence[Tensor], attention_mask: Tensor
+) -> Tensor:
+    """The normalised distance (see ``_direction``) between hidden states over real tokens, summed
+    over layers (BiBERT's intermediate loss)."""
+    _check_pairs("hidden", student, teacher)
+    real = attention_mask.bool()[:, :, None]
+    return sum(_direction(s, t, real) for s, t in zip(student, teacher, strict=True))
+
+
 def ground_truth_loss(logits: Tensor, labels: Tensor, regression: bool = False) -> Tensor:
     """CE (classification, label ``-100`` = unlabelled) or MSE (regression, ``NaN`` = unlabelled).
 
@@ -221,6 +344,8 @@ def distill_losses(
     temperature: float = 1.0,
     regression: bool = False,
     labels: Tensor | None = None,
+    direction: bool = False,
+    projections: tuple[Sequence[tuple], Sequence[tuple]] | None = None,
 ) -> dict[str, Tensor]:
     """All active losses, each returned separately, plus ``total`` (the weighted sum).
 
@@ -229,6 +354,9 @@ def distill_losses(
     ``layers[i]``: teacher layer of student layer ``i`` (see ``student.layer_map``).
     ``weights``: ``{logits, attention, hidden, ground_truth}``; a zero weight skips that loss, and
     only computed losses appear in the result.
+    ``direction``: the attention and hidden weights apply to ``qkv_direction`` and
+    ``hidden_direction`` instead; the former needs ``projections`` = (student's, teacher's) per
+    layer, as :func:`record_projections` gives them (every layer of each model).
     """
     _check_weights(weights, "weights")
     if teacher_out is None and any(weights[k] > 0 for k in KD_LOSSES):
@@ -237,19 +365,30 @@ def distill_losses(
     losses: dict[str, Tensor] = {}
     if weights["logits"] > 0:
         losses["logits"] = logits_loss(student_out.logits, teacher_out.logits, temperature, regression)
-    if weights["attention"] > 0:
+    if weights["attention"] > 0 and direction:
+        if projections is None:
+            raise ValueError("direction matching with an attention weight > 0 needs the projections")
+        student_qkv, teacher_qkv = projections
+        if len(student_qkv) != len(lmap.attention):
+            raise ValueError(f"{len(student_qkv)} student projections for {len(lmap.attention)} layers")
+        matched = [teacher_qkv[i] for i in lmap.attention]
+        losses["qkv_direction"] = qkv_direction_loss(student_qkv, matched, attention_mask)
+    elif weights["attention"] > 0:
         s_att, t_att = _outputs(student_out, teacher_out, "attentions", lmap.attention)
         losses["attention"] = attention_loss(s_att, t_att, attention_mask)
     if weights["hidden"] > 0:
         s_hid, t_hid = _outputs(student_out, teacher_out, "hidden_states", lmap.hidden)
-        losses["hidden"] = hidden_loss(s_hid, t_hid, attention_mask)
+        if direction:
+            losses["hidden_direction"] = hidden_direction_loss(s_hid, t_hid, attention_mask)
+        else:
+            losses["hidden"] = hidden_loss(s_hid, t_hid, attention_mask)
     if weights["ground_truth"] > 0:
         if labels is None:
             raise ValueError("the ground_truth loss has weight > 0 but no labels were given")
         losses["ground_truth"] = ground_truth_loss(student_out.logits, labels, regression)
     if not losses:
         raise ValueError("all loss weights are 0: nothing to compute")
-    losses["total"] = sum(weights[k] * v for k, v in losses.items())
+    losses["total"] = sum(weights[DIRECTION_LOSSES.get(k, k)] * v for k, v in losses.items())
     return losses
 
 

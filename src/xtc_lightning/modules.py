@@ -18,6 +18,7 @@ from xtc_lightning.distill import (
     distill_forward,
     distill_losses,
     loss_weights_at,
+    record_projections,
     teacher_needed,
 )
 from xtc_lightning.metrics import GlueSplitMetric, predictions_from_logits, task_score
@@ -258,12 +259,15 @@ class DistillModule(GlueModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         inputs = model_inputs(batch)
         w = self.weights
+        direction = self.recipe is not None and self.recipe.direction_matching
         attention, hidden = w["attention"] > 0, w["hidden"] > 0
-        teacher_out = None
+        record = direction and attention  # the q, k, v projections instead of the attention scores
+        teacher_out, teacher_qkv = None, None
         if teacher_needed(w):
-            with torch.no_grad():
-                teacher_out = distill_forward(self.teacher, inputs, attention, hidden)
-        student_out = distill_forward(self.student, inputs, attention, hidden)
+            with torch.no_grad(), record_projections(self.teacher, record) as teacher_qkv:
+                teacher_out = distill_forward(self.teacher, inputs, attention and not direction, hidden)
+        with record_projections(self.student, record) as student_qkv:
+            student_out = distill_forward(self.student, inputs, attention and not direction, hidden)
         losses = distill_losses(
             student_out,
             teacher_out,
@@ -273,6 +277,8 @@ class DistillModule(GlueModule):
             temperature=self.distill.temperature,
             regression=self.task.is_regression,
             labels=batch["labels"],
+            direction=direction,
+            projections=(student_qkv, teacher_qkv) if record else None,
         )
         named = {"train/loss" if k == "total" else f"train/{k}_loss": v for k, v in losses.items()}
         return log_train_losses(self, named)

@@ -14,6 +14,7 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
     latent_clip: null           # clamp latent weights to +-this * their group's mean|w| (null: off)
     latent_pull: null           # move binary latent weights this fraction toward mean|w| * sign(w) (null: off)
     attention_scale: 1.0        # quantize stage: distill.weights.attention * this
+    direction_matching: false   # quantize stage: BiBERT's scale-free attention and hidden losses
     scale_gradient: false       # binary / ternary scales get a gradient too
     teacher: teacher            # teacher | fp32_student | start_run: whom the quantize stage distils from
     start_run: null             # a finished quantized run of this task and student to start from
@@ -59,6 +60,16 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
     decays to 0 the pull takes over and freezes the signs. Stateless, exact on resume. Measured
     on MiniLM CoLA it removes the early noise but halves the signs that change, and ends lower
     (0.003: 18.0, 0.01: 13.6, against 20.7 at seed 42; BENCHMARKS.md): off by default.
+
+``direction_matching``
+    The quantize stage's attention and hidden losses become BiBERT's direction matching (Qin et
+    al. 2022; ``distill.qkv_direction_loss``, ``distill.hidden_direction_loss``) under the same
+    weights (the attention one times ``attention_scale``): instead of the MSE of the attention
+    scores, the normalised distance ``|| S/||S|| - T/||T|| ||`` between the student's and the
+    teacher's query, key and value similarity matrices ``x.x^T``; instead of the hidden states'
+    MSE, the same normalised distance between them. Both are blind to scale and bounded (each
+    term lies in [0, 2]): the binary student's attention-score MSE is ~95% of its gradient and
+    pays for every scale the binary weights cannot reach. The reduce stage is unchanged.
 
 ``teacher``
     ``teacher``       the task's teacher, as in XTC's one-stage distillation: student layer ``i``
@@ -112,6 +123,7 @@ class Recipe:
     latent_clip: float | None
     latent_pull: float | None
     attention_scale: float
+    direction_matching: bool
     scale_gradient: bool
     teacher: str
     start_run: str | None
@@ -179,6 +191,9 @@ class Recipe:
                     f"recipe.latent_pull={latent_pull} needs binary weights "
                     f"(quant.weight.method={quant.weight.method})"
                 )
+        direction = d["direction_matching"]
+        if not isinstance(direction, bool):
+            raise UserError(f"recipe.direction_matching={direction!r} is not accepted: true or false")
         scale_grad = d["scale_gradient"]
         if not isinstance(scale_grad, bool):
             raise UserError(f"recipe.scale_gradient={scale_grad!r} is not accepted: true or false")
@@ -206,6 +221,7 @@ class Recipe:
             latent_clip=latent_clip,
             latent_pull=latent_pull,
             attention_scale=_non_negative(d["attention_scale"], "recipe.attention_scale"),
+            direction_matching=direction,
             scale_gradient=scale_grad,
             teacher=teacher,
             start_run=start_run,
