@@ -272,7 +272,6 @@ def test_qkv_direction_loss_ignores_padded_pairs():
 def test_record_projections_gives_each_layers_q_k_v_by_heads(arch):
     ids, mask = padded_batch()
     model = tiny_classifier(arch, num_layers=3)
-    hooks = sum(len(m._forward_hooks) for m in model.modules())  # transformers' own
     with record_projections(model) as qkv:
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     assert len(qkv) == 3
@@ -290,7 +289,7 @@ def test_record_projections_gives_each_layers_q_k_v_by_heads(arch):
     with record_projections(model, enabled=False) as nothing:
         model(input_ids=ids, attention_mask=mask)
     assert nothing is None
-    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+    assert not any(lin._forward_hooks for lin in lins)
     # no forward ran inside the block: an error, not an empty record
     with pytest.raises(RuntimeError, match="no forward"), record_projections(model):
         pass
@@ -313,7 +312,9 @@ def test_direction_matching_losses_of_real_models_are_blind_to_the_projections_s
         s_out = distill_forward(student, inputs, attention=True, hidden=True)
     kd = {"logits": 1.0, "attention": 1.0, "hidden": 1.0, "ground_truth": 0.0}
     plain = distill_losses(s_out, t_out, mask, [0], kd)
-    matched = distill_losses(s_out, t_out, mask, [0], kd, direction=True, projections=(s_qkv, t_qkv))
+    matched = distill_losses(
+        s_out, t_out, mask, [0], kd, direction=("attention", "hidden"), projections=(s_qkv, t_qkv)
+    )
     assert set(matched) == {"logits", "qkv_direction", "hidden_direction", "total"}
     assert plain["attention"].item() > 1.0
     assert matched["qkv_direction"].item() == pytest.approx(0.0, abs=1e-5)
@@ -325,7 +326,7 @@ def test_direction_matching_losses_of_real_models_are_blind_to_the_projections_s
         mask,
         [0],
         {**kd, "attention": 2.0, "hidden": 0.5},
-        direction=True,
+        direction=("attention", "hidden"),
         projections=(s_qkv, t_qkv),
     )
     expected = weighted["logits"] + 2.0 * weighted["qkv_direction"] + 0.5 * weighted["hidden_direction"]
@@ -334,7 +335,15 @@ def test_direction_matching_losses_of_real_models_are_blind_to_the_projections_s
     matched["total"].backward()
     assert student.bert.encoder.layer[0].attention.self.key.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="needs the projections"):
-        distill_losses(s_out, t_out, mask, [0], kd, direction=True)
+        distill_losses(s_out, t_out, mask, [0], kd, direction=("attention", "hidden"))
+    # the attention loss alone in its direction form: the hidden MSE stays
+    attention_only = distill_losses(
+        s_out, t_out, mask, [0], kd, direction=("attention",), projections=(s_qkv, t_qkv)
+    )
+    assert set(attention_only) == {"logits", "qkv_direction", "hidden", "total"}
+    assert torch.equal(attention_only["hidden"], plain["hidden"])
+    with pytest.raises(ValueError, match="only attention and hidden have a direction form"):
+        distill_losses(s_out, t_out, mask, [0], kd, direction=("logits",))
 
 
 # ----------------------------------------------------------------------------- scores implementation

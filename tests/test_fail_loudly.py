@@ -150,7 +150,8 @@ BAD_CONFIGS = [
     # two-stage distillation: each distilling stage's own budget, at startup, not when the stage starts
     (["distill=two_stage", "student.num_layers=1", "reduce.max_epochs=1"], r"^distill 'two_stage': intermediate_fraction=0.5 of reduce.max_epochs=1 gives 1 intermediate epoch\(s\); both stages need at least one epoch$"),
     (["distill=two_stage", "quantize.max_epochs=1"], r"^distill 'two_stage': intermediate_fraction=0.5 of quantize.max_epochs=1 gives"),
-    (["distill=logits_only", "recipe.direction_matching=true"], r"^recipe.direction_matching=true changes the attention and hidden losses, but distill=logits_only weights both 0: use distill=xtc or set recipe.direction_matching=false$"),
+    (["distill=logits_only", "recipe.direction_matching=all"], r"^recipe.direction_matching=all changes the attention and hidden loss, but distill=logits_only weights it 0: use distill=xtc or set recipe.direction_matching=none$"),
+    (["distill.weights.attention=0", "recipe.direction_matching=attention"], r"^recipe.direction_matching=attention changes the attention loss, but distill=xtc weights it 0"),
     (["distill=two_stage", "quantize.max_epochs=-1"], r"^distill 'two_stage': two-stage distillation needs quantize.max_epochs >= 2, got -1$"),
 ]  # fmt: skip
 

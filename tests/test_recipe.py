@@ -51,7 +51,7 @@ XTC_RECIPE = {  # conf/recipe/xtc.yaml, its latent_weight_decay resolved (optim.
     "latent_clip": None,
     "latent_pull": None,
     "attention_scale": 1.0,
-    "direction_matching": False,
+    "direction_matching": "none",
     "scale_gradient": False,
     "teacher": "teacher",
     "start_run": None,
@@ -83,7 +83,7 @@ def recipe(**kw) -> Recipe:
         ({"latent_pull": 0.01}, W2A8, "recipe.latent_pull=0.01 needs binary weights (quant.weight.method=ternary)"),
         ({"attention_scale": float("nan")}, W1A8, "recipe.attention_scale=nan is not accepted: a finite number"),
         ({"progressive": "ramp", "progressive_epochs": 1}, QuantConfig(), "needs quantized weights"),
-        ({"direction_matching": "yes"}, W1A8, "recipe.direction_matching='yes' is not accepted: true or false"),
+        ({"direction_matching": True}, W1A8, "recipe.direction_matching=True is not accepted: none | attention | all"),
         ({"scale_gradient": "yes"}, W1A8, "recipe.scale_gradient='yes' is not accepted: true or false"),
         ({"scale_gradient": True}, QuantConfig(), "scale_gradient=true needs binary or ternary weights"),
         ({"teacher": "student"}, W1A8, "recipe.teacher='student' is not accepted: teacher | fp32_student | start_run"),
@@ -384,7 +384,7 @@ def test_direction_matching_trains_the_quantized_student_on_the_direction_losses
         "attention_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [1] * 8, [1] * 2 + [0] * 6]),
         "labels": torch.randint(0, 3, (4,)),
     }
-    module = distill_module(recipe(latent_lr=1e-2, direction_matching=True, attention_scale=0.5))
+    module = distill_module(recipe(latent_lr=1e-2, direction_matching="all", attention_scale=0.5))
     enable_attention_scores(module.teacher)
     enable_attention_scores(module.student)
     for m in module.student.modules():  # no dropout: the first step's forward is computed again below
@@ -398,7 +398,7 @@ def test_direction_matching_trains_the_quantized_student_on_the_direction_losses
         s_out = distill_forward(module.student, inputs, attention=False, hidden=True)
     expected = distill_losses(
         s_out, t_out, batch["attention_mask"], [0, 1], {"logits": 1.0, "attention": 0.5, "hidden": 1.0,
-        "ground_truth": 0.0}, direction=True, projections=(s_qkv, t_qkv),
+        "ground_truth": 0.0}, direction=("attention", "hidden"), projections=(s_qkv, t_qkv),
     )  # fmt: skip
     before = module.student.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
     seen = []

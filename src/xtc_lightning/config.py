@@ -461,11 +461,13 @@ def _student(d: Mapping, stage: str, depth: int | None) -> StudentConfig:
     return StudentConfig(d["name"], None if layers is None else tuple(layers), d["num_layers"])
 
 
-def _check_direction_matching(distill: DistillConfig) -> None:
-    if not distill.weights["attention"] and not distill.weights["hidden"]:
+def _check_direction_matching(recipe: Recipe, distill: DistillConfig) -> None:
+    changed = recipe.direction_losses
+    if not any(distill.weights[loss] for loss in changed):
         raise UserError(
-            f"recipe.direction_matching=true changes the attention and hidden losses, but distill="
-            f"{distill.name} weights both 0: use distill=xtc or set recipe.direction_matching=false"
+            f"recipe.direction_matching={recipe.direction_matching} changes the {' and '.join(changed)} "
+            f"loss, but distill={distill.name} weights it 0: use distill=xtc or set "
+            f"recipe.direction_matching=none"
         )
 
 
@@ -526,8 +528,8 @@ def run_config(cfg: DictConfig) -> RunConfig:
         layers = None if depth is None else student.select(depth)
         check(check_start_run, recipe.start_run, task.name, layers)
     distill = check(DistillConfig.from_dict, c["distill"])
-    if recipe is not None and distill is not None and recipe.direction_matching:
-        check(_check_direction_matching, distill)
+    if recipe is not None and distill is not None and recipe.direction_losses:
+        check(_check_direction_matching, recipe, distill)
     if (
         distill is not None
         and distill.intermediate_fraction

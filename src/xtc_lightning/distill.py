@@ -16,7 +16,8 @@ Losses, all pure functions of tensors:
   (label ``-100`` / ``NaN`` marks an unlabelled, e.g. augmented, example).
 
 Direction matching (BiBERT, Qin et al. 2022; ``recipe.direction_matching`` in the quantize
-stage) replaces the attention and hidden losses, under their weights, with scale-free ones:
+stage) replaces the attention loss, or the attention and hidden losses, under their weights,
+with scale-free ones:
 
 * ``qkv_direction``: for each distilled layer and each of the query, key and value projections
   ``x`` (per head), the similarity matrix ``x.x^T / sqrt(d_head)`` of shape ``(batch, heads, seq,
@@ -41,7 +42,7 @@ exactly what ``"eager"`` computes but returns the raw scaled scores as the atten
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -161,7 +162,7 @@ def _projections(model: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module
         raise UserError(
             f"{type(model).__name__}: found {len(found)} self-attention layers with query, key and value "
             f"projections for {layers} layers: direction matching cannot distil it "
-            f"(set recipe.direction_matching=false)"
+            f"(set recipe.direction_matching=none)"
         )
     return found
 
@@ -344,7 +345,7 @@ def distill_losses(
     temperature: float = 1.0,
     regression: bool = False,
     labels: Tensor | None = None,
-    direction: bool = False,
+    direction: Collection[str] = (),
     projections: tuple[Sequence[tuple], Sequence[tuple]] | None = None,
 ) -> dict[str, Tensor]:
     """All active losses, each returned separately, plus ``total`` (the weighted sum).
@@ -354,18 +355,21 @@ def distill_losses(
     ``layers[i]``: teacher layer of student layer ``i`` (see ``student.layer_map``).
     ``weights``: ``{logits, attention, hidden, ground_truth}``; a zero weight skips that loss, and
     only computed losses appear in the result.
-    ``direction``: the attention and hidden weights apply to ``qkv_direction`` and
-    ``hidden_direction`` instead; the former needs ``projections`` = (student's, teacher's) per
-    layer, as :func:`record_projections` gives them (every layer of each model).
+    ``direction``: of ``attention`` and ``hidden``, the losses computed in their direction-matching
+    form, ``qkv_direction`` and ``hidden_direction``, under the same weights; ``qkv_direction``
+    needs ``projections`` = (student's, teacher's) per layer, as :func:`record_projections` gives
+    them (every layer of each model).
     """
     _check_weights(weights, "weights")
+    if not set(direction) <= set(DIRECTION_LOSSES.values()):
+        raise ValueError(f"direction={sorted(direction)}: only attention and hidden have a direction form")
     if teacher_out is None and any(weights[k] > 0 for k in KD_LOSSES):
         raise ValueError("teacher outputs are needed when a logits/attention/hidden weight is > 0")
     lmap = layer_map(layers)
     losses: dict[str, Tensor] = {}
     if weights["logits"] > 0:
         losses["logits"] = logits_loss(student_out.logits, teacher_out.logits, temperature, regression)
-    if weights["attention"] > 0 and direction:
+    if weights["attention"] > 0 and "attention" in direction:
         if projections is None:
             raise ValueError("direction matching with an attention weight > 0 needs the projections")
         student_qkv, teacher_qkv = projections
@@ -378,7 +382,7 @@ def distill_losses(
         losses["attention"] = attention_loss(s_att, t_att, attention_mask)
     if weights["hidden"] > 0:
         s_hid, t_hid = _outputs(student_out, teacher_out, "hidden_states", lmap.hidden)
-        if direction:
+        if "hidden" in direction:
             losses["hidden_direction"] = hidden_direction_loss(s_hid, t_hid, attention_mask)
         else:
             losses["hidden"] = hidden_loss(s_hid, t_hid, attention_mask)

@@ -259,15 +259,16 @@ class DistillModule(GlueModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         inputs = model_inputs(batch)
         w = self.weights
-        direction = self.recipe is not None and self.recipe.direction_matching
-        attention, hidden = w["attention"] > 0, w["hidden"] > 0
-        record = direction and attention  # the q, k, v projections instead of the attention scores
+        direction = () if self.recipe is None else self.recipe.direction_losses
+        hidden = w["hidden"] > 0
+        record = w["attention"] > 0 and "attention" in direction  # q, k, v instead of the scores
+        scores = w["attention"] > 0 and not record
         teacher_out, teacher_qkv = None, None
         if teacher_needed(w):
             with torch.no_grad(), record_projections(self.teacher, record) as teacher_qkv:
-                teacher_out = distill_forward(self.teacher, inputs, attention and not direction, hidden)
+                teacher_out = distill_forward(self.teacher, inputs, scores, hidden)
         with record_projections(self.student, record) as student_qkv:
-            student_out = distill_forward(self.student, inputs, attention and not direction, hidden)
+            student_out = distill_forward(self.student, inputs, scores, hidden)
         losses = distill_losses(
             student_out,
             teacher_out,

@@ -14,7 +14,7 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
     latent_clip: null           # clamp latent weights to +-this * their group's mean|w| (null: off)
     latent_pull: null           # move binary latent weights this fraction toward mean|w| * sign(w) (null: off)
     attention_scale: 1.0        # quantize stage: distill.weights.attention * this
-    direction_matching: false   # quantize stage: BiBERT's scale-free attention and hidden losses
+    direction_matching: none    # none | attention | all  (quantize stage: BiBERT's scale-free losses)
     scale_gradient: false       # binary / ternary scales get a gradient too
     teacher: teacher            # teacher | fp32_student | start_run: whom the quantize stage distils from
     start_run: null             # a finished quantized run of this task and student to start from
@@ -62,14 +62,17 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
     (0.003: 18.0, 0.01: 13.6, against 20.7 at seed 42; BENCHMARKS.md): off by default.
 
 ``direction_matching``
-    The quantize stage's attention and hidden losses become BiBERT's direction matching (Qin et
-    al. 2022; ``distill.qkv_direction_loss``, ``distill.hidden_direction_loss``) under the same
-    weights (the attention one times ``attention_scale``): instead of the MSE of the attention
-    scores, the normalised distance ``|| S/||S|| - T/||T|| ||`` between the student's and the
-    teacher's query, key and value similarity matrices ``x.x^T``; instead of the hidden states'
-    MSE, the same normalised distance between them. Both are blind to scale and bounded (each
-    term lies in [0, 2]): the binary student's attention-score MSE is ~95% of its gradient and
-    pays for every scale the binary weights cannot reach. The reduce stage is unchanged.
+    ``none``       the attention-score and hidden-state MSE (XTC).
+    ``attention``  the quantize stage's attention loss becomes BiBERT's direction matching (Qin et
+                   al. 2022; ``distill.qkv_direction_loss``) under its weight (times
+                   ``attention_scale``): instead of the MSE of the attention scores, the
+                   normalised distance ``|| S/||S|| - T/||T|| ||`` between the student's and the
+                   teacher's query, key and value similarity matrices ``x.x^T``. Blind to scale
+                   and bounded (each term lies in [0, 2]): the binary student's attention-score
+                   MSE is ~95% of its gradient and pays for scales its binary weights cannot reach.
+    ``all``        the hidden loss too (``distill.hidden_direction_loss``): the same normalised
+                   distance between the hidden states, as BiBERT distils them.
+    The reduce stage is unchanged.
 
 ``teacher``
     ``teacher``       the task's teacher, as in XTC's one-stage distillation: student layer ``i``
@@ -110,6 +113,7 @@ from xtc_lightning.errors import UserError, check_exact_keys
 from xtc_lightning.quant.config import LOW_BIT_METHODS, QuantConfig, WeightSpec
 
 PROGRESSIVE = ("none", "ramp", "ternary")
+DIRECTION_MATCHING = {"none": (), "attention": ("attention",), "all": ("attention", "hidden")}
 TEACHERS = ("teacher", "fp32_student", "start_run")
 
 
@@ -123,7 +127,7 @@ class Recipe:
     latent_clip: float | None
     latent_pull: float | None
     attention_scale: float
-    direction_matching: bool
+    direction_matching: str
     scale_gradient: bool
     teacher: str
     start_run: str | None
@@ -192,8 +196,10 @@ class Recipe:
                     f"(quant.weight.method={quant.weight.method})"
                 )
         direction = d["direction_matching"]
-        if not isinstance(direction, bool):
-            raise UserError(f"recipe.direction_matching={direction!r} is not accepted: true or false")
+        if direction not in DIRECTION_MATCHING:
+            raise UserError(
+                f"recipe.direction_matching={direction!r} is not accepted: {' | '.join(DIRECTION_MATCHING)}"
+            )
         scale_grad = d["scale_gradient"]
         if not isinstance(scale_grad, bool):
             raise UserError(f"recipe.scale_gradient={scale_grad!r} is not accepted: true or false")
@@ -226,6 +232,11 @@ class Recipe:
             teacher=teacher,
             start_run=start_run,
         )
+
+    @property
+    def direction_losses(self) -> tuple[str, ...]:
+        """The distillation losses the quantize stage computes in direction-matching form."""
+        return DIRECTION_MATCHING[self.direction_matching]
 
     def progressive_steps(self, steps_per_epoch: float) -> int:
         """``P``: optimizer steps of the progressive phase (0 without one)."""
