@@ -84,6 +84,7 @@ def recipe(**kw) -> Recipe:
         ({"attention_scale": float("nan")}, W1A8, "recipe.attention_scale=nan is not accepted: a finite number"),
         ({"progressive": "ramp", "progressive_epochs": 1}, QuantConfig(), "needs quantized weights"),
         ({"direction_matching": True}, W1A8, "recipe.direction_matching=True is not accepted: none | attention | all"),
+        ({"direction_matching": ["all"]}, W1A8, "recipe.direction_matching=['all'] is not accepted: none | attention | all"),
         ({"scale_gradient": "yes"}, W1A8, "recipe.scale_gradient='yes' is not accepted: true or false"),
         ({"scale_gradient": True}, QuantConfig(), "scale_gradient=true needs binary or ternary weights"),
         ({"teacher": "student"}, W1A8, "recipe.teacher='student' is not accepted: teacher | fp32_student | start_run"),

@@ -201,7 +201,7 @@ class Recipe:
                     f"(quant.weight.method={quant.weight.method})"
                 )
         direction = d["direction_matching"]
-        if direction not in DIRECTION_MATCHING:
+        if not isinstance(direction, str) or direction not in DIRECTION_MATCHING:
             raise UserError(
                 f"recipe.direction_matching={direction!r} is not accepted: {' | '.join(DIRECTION_MATCHING)}"
             )
