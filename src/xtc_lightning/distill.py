@@ -236,6 +236,12 @@ def _check_pairs(kind: str, student: Sequence[Tensor], teacher: Sequence[Tensor]
             raise ValueError(f"{kind} loss: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
 
 
+def _real_pairs(attention_mask: Tensor) -> Tensor:
+    """``(batch, 1, seq, seq)``: whether both the query and the key of a pair are real tokens."""
+    real = attention_mask.bool()
+    return (real[:, :, None] & real[:, None, :])[:, None]
+
+
 def attention_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], attention_mask: Tensor) -> Tensor:
     """MSE of pre-softmax attention scores over real (query, key) pairs, summed over layers.
 
@@ -244,8 +250,7 @@ def attention_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], attenti
     divided by ``heads * sum_b len_b**2``; padded positions never contribute (not even NaN/inf).
     """
     _check_pairs("attention", student, teacher)
-    real = attention_mask.bool()
-    pairs = (real[:, :, None] & real[:, None, :])[:, None]  # (batch, 1, seq, seq)
+    pairs = _real_pairs(attention_mask)
     total = 0.0
     for s, t in zip(student, teacher, strict=True):
         count = pairs.sum().clamp_min(1) * s.shape[1]
@@ -297,8 +302,7 @@ def qkv_direction_loss(
         raise ValueError(
             f"qkv_direction loss needs matched, non-empty layer lists ({len(student)} vs {len(teacher)})"
         )
-    real = attention_mask.bool()
-    pairs = (real[:, :, None] & real[:, None, :])[:, None]  # (batch, 1, seq, seq)
+    pairs = _real_pairs(attention_mask)
     total = 0.0
     for s_layer, t_layer in zip(student, teacher, strict=True):
         for s, t in zip(s_layer, t_layer, strict=True):
