@@ -202,6 +202,9 @@ VARIANTS.update({
     # ...which lowered STS-B early (22.5, 47.8 after two epochs against 34.5, 63.1): the q/k/v
     # direction alone, the hidden states' MSE kept.
     "l3_w1a8_fast_dmd_qkv": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.direction_matching=attention"],
+    # BiBERT and BiT train their binary students at batch 16: twice the optimizer steps (and sign
+    # flips) in the same epochs and about the same compute. Its own reduce stage at batch 16 too.
+    "l3_w1a8_fast_b16": [*W1A8_3L, "recipe.latent_lr=2e-3", "data.batch_size=16"],
 })  # fmt: skip
 # The main table's columns; the other variants are diagnoses of 3L W1A8, listed below it.
 MAIN = ["teacher", "l3_fp32", "l3_w1a8", "l3_w2a8"]
@@ -279,6 +282,7 @@ LABELS = {
     },
     "l3_w1a8_fast_dmd": "3L W1A8, latent weights at lr 2e-3, BiBERT's direction matching: q/k/v similarity and hidden directions instead of the attention-score and hidden MSE",
     "l3_w1a8_fast_dmd_qkv": "3L W1A8, latent weights at lr 2e-3, BiBERT's direction matching of the q/k/v similarity instead of the attention-score MSE (the hidden MSE kept)",
+    "l3_w1a8_fast_b16": "3L W1A8, latent weights at lr 2e-3, batch 16 (twice the steps; its own reduce stage at batch 16)",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
 VARIANT_TASKS = {
@@ -314,6 +318,7 @@ VARIANT_TASKS = {
     "l3_w1a8_fast_rest3e4": ["cola", "stsb"],
     "l3_w1a8_fast_dmd": ["cola", "stsb", "mrpc"],
     "l3_w1a8_fast_dmd_qkv": ["cola", "stsb", "mrpc"],
+    "l3_w1a8_fast_b16": ["cola", "stsb", "mrpc"],
 }
 SEED = 42  # the pipeline's default; other seeds vary the quantize stage alone (quantize.seed)
 
