@@ -52,6 +52,7 @@ XTC_RECIPE = {  # conf/recipe/xtc.yaml, its latent_weight_decay resolved (optim.
     "latent_pull": None,
     "attention_scale": 1.0,
     "direction_matching": "none",
+    "dropout": None,
     "scale_gradient": False,
     "teacher": "teacher",
     "start_run": None,
@@ -85,6 +86,9 @@ def recipe(**kw) -> Recipe:
         ({"progressive": "ramp", "progressive_epochs": 1}, QuantConfig(), "needs quantized weights"),
         ({"direction_matching": True}, W1A8, "recipe.direction_matching=True is not accepted: none | attention | all"),
         ({"direction_matching": ["all"]}, W1A8, "recipe.direction_matching=['all'] is not accepted: none | attention | all"),
+        ({"dropout": 1}, W1A8, "recipe.dropout=1.0 is not accepted: a probability in [0, 1), or null"),
+        ({"dropout": -0.1}, W1A8, "recipe.dropout=-0.1 is not accepted: a probability in [0, 1), or null"),
+        ({"dropout": "off"}, W1A8, "recipe.dropout='off' is not accepted: a finite number"),
         ({"scale_gradient": "yes"}, W1A8, "recipe.scale_gradient='yes' is not accepted: true or false"),
         ({"scale_gradient": True}, QuantConfig(), "scale_gradient=true needs binary or ternary weights"),
         ({"teacher": "student"}, W1A8, "recipe.teacher='student' is not accepted: teacher | fp32_student | start_run"),
@@ -431,6 +435,69 @@ def test_direction_matching_trains_the_quantized_student_on_the_direction_losses
         assert first[f"train/{name}_loss"] == pytest.approx(expected[name].item(), rel=1e-5), name
     assert seen[1]["train/loss"] != pytest.approx(first["train/loss"], rel=1e-4)  # it trains
     assert module.student.bert.encoder.layer[0].attention.self.query.weight.ne(before).any()
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_set_dropout_reaches_every_dropout_of_the_model(arch):
+    """set_dropout(model, 0) in training mode gives exactly the eval-mode output (the attention
+    probabilities' dropout included); at 0.5 every dropout is at 0.5 and the output is random."""
+    from xtc_lightning.models import set_dropout
+
+    model = tiny_classifier(arch, num_layers=2)
+    ids = torch.randint(0, 20, (3, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        model.train()
+        assert not torch.equal(model(input_ids=ids).logits, expected)  # dropout 0.1 is on
+        count = set_dropout(model, 0.5)
+        assert count == sum(isinstance(m, nn.Dropout) for m in model.modules()) > 2 * 2
+        assert {m.p for m in model.modules() if isinstance(m, nn.Dropout)} == {0.5}
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+        set_dropout(model, 0.0)
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("dropout", [0.0, None])
+def test_quantize_stage_trains_the_student_at_the_recipes_dropout(dropout):
+    """recipe.dropout=0 in a real Lightning fit: the first step's logged logits loss is exactly the
+    loss of the student's eval-mode forward (no dropout anywhere); with null the student keeps its
+    dropout 0.1 and the training loss differs. The teacher is untouched (it never drops out)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from xtc_lightning.distill import distill_forward, distill_losses
+
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 20, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    batch["labels"] = torch.randint(0, 3, (4,))
+    module = distill_module(recipe(dropout=dropout))
+    enable_attention_scores(module.teacher)
+    enable_attention_scores(module.student)
+    assert {m.p for m in module.teacher.modules() if isinstance(m, nn.Dropout)} == {0.1}
+    module.on_train_batch_start(batch, 0)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        module.student.eval()
+        s_out = distill_forward(module.student, inputs, attention=False, hidden=False)
+        t_out = distill_forward(module.teacher, inputs, attention=False, hidden=False)
+        module.student.train()
+    weights = {"logits": 1.0, "attention": 0.0, "hidden": 0.0, "ground_truth": 0.0}
+    expected = distill_losses(s_out, t_out, batch["attention_mask"], [0, 1], weights)["logits"].item()
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(float(outputs["train/logits_loss"]))
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, callbacks=[Record()],
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
+    if dropout == 0.0:
+        assert seen[0] == pytest.approx(expected, rel=1e-6)
+    else:
+        assert seen[0] != pytest.approx(expected, rel=1e-3)
 
 
 def test_training_follows_the_recipe_and_evaluation_sees_the_final_form():

@@ -81,6 +81,15 @@ def encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return found[0]
 
 
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Every ``nn.Dropout`` of ``model`` (transformers' BERT-style encoders route their attention
+    dropout through one too) at probability ``p``; returns how many there are."""
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    for m in dropouts:
+        m.p = p
+    return len(dropouts)
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts: total, encoder layers only, and the rest (embeddings, pooler, head)."""
     total = sum(p.numel() for p in model.parameters())

@@ -22,6 +22,7 @@ from xtc_lightning.distill import (
     teacher_needed,
 )
 from xtc_lightning.metrics import GlueSplitMetric, predictions_from_logits, task_score
+from xtc_lightning.models import set_dropout
 from xtc_lightning.quant import (
     clip_latent_weights,
     latent_weights,
@@ -205,6 +206,8 @@ class DistillModule(GlueModule):
             + [f"teacher.{name}" for name, _ in teacher.named_buffers()],
         )
         self.student = student.train()
+        if recipe is not None and recipe.dropout is not None:
+            set_dropout(student, recipe.dropout)
         self.layers = list(layers)
         self.distill = distill
         self.optim = optim

@@ -15,6 +15,7 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
     latent_pull: null           # move binary latent weights this fraction toward mean|w| * sign(w) (null: off)
     attention_scale: 1.0        # quantize stage: distill.weights.attention * this
     direction_matching: none    # none | attention | all  (quantize stage: BiBERT's scale-free losses)
+    dropout: null               # quantize stage: every dropout of the student at this p (null: the model's)
     scale_gradient: false       # binary / ternary scales get a gradient too
     teacher: teacher            # teacher | fp32_student | start_run: whom the quantize stage distils from
     start_run: null             # a finished quantized run of this task and student to start from
@@ -79,6 +80,14 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
     (W1A1) students, whose binary queries and keys cannot reproduce the teacher's scores. Off by
     default.
 
+``dropout``
+    The quantize stage sets every dropout of the student (embeddings, attention probabilities,
+    hidden states, classifier) to this probability in [0, 1); null keeps the model's own (MiniLM
+    and BERT: 0.1). The teacher never uses dropout; the reduce stage and evaluation are unchanged.
+    A binary student underfits its teacher (its training losses stay far above the fp32
+    student's), and binarization is itself a strong regularizer, so dropout on top may cost more
+    than it protects.
+
 ``teacher``
     ``teacher``       the task's teacher, as in XTC's one-stage distillation: student layer ``i``
                       learns from teacher layer ``layers[i]``.
@@ -133,6 +142,7 @@ class Recipe:
     latent_pull: float | None
     attention_scale: float
     direction_matching: str
+    dropout: float | None
     scale_gradient: bool
     teacher: str
     start_run: str | None
@@ -205,6 +215,11 @@ class Recipe:
             raise UserError(
                 f"recipe.direction_matching={direction!r} is not accepted: {' | '.join(DIRECTION_MATCHING)}"
             )
+        dropout = d["dropout"]
+        if dropout is not None:
+            dropout = _number(dropout, "recipe.dropout")
+            if not 0 <= dropout < 1:
+                raise UserError(f"recipe.dropout={dropout} is not accepted: a probability in [0, 1), or null")
         scale_grad = d["scale_gradient"]
         if not isinstance(scale_grad, bool):
             raise UserError(f"recipe.scale_gradient={scale_grad!r} is not accepted: true or false")
@@ -233,6 +248,7 @@ class Recipe:
             latent_pull=latent_pull,
             attention_scale=_non_negative(d["attention_scale"], "recipe.attention_scale"),
             direction_matching=direction,
+            dropout=dropout,
             scale_gradient=scale_grad,
             teacher=teacher,
             start_run=start_run,
