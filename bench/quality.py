@@ -203,8 +203,9 @@ VARIANTS.update({
     # direction alone, the hidden states' MSE kept.
     "l3_w1a8_fast_dmd_qkv": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.direction_matching=attention"],
     # BiBERT and BiT train their binary students at batch 16: twice the optimizer steps (and sign
-    # flips) in the same epochs and about the same compute. Its own reduce stage at batch 16 too.
-    "l3_w1a8_fast_b16": [*W1A8_3L, "recipe.latent_lr=2e-3", "data.batch_size=16"],
+    # flips) in the same epochs and about the same compute. The same teacher; its own reduce stage
+    # at batch 16 too.
+    "l3_w1a8_fast_b16": [*W1A8_3L, "recipe.latent_lr=2e-3", "data.batch_size=16", "teacher.checkpoint={teacher}"],
     # The binary student underfits its teacher and binarization regularizes it already: no dropout
     # in the quantize stage.
     "l3_w1a8_fast_nodrop": [*W1A8_3L, "recipe.latent_lr=2e-3", "recipe.dropout=0"],
@@ -285,7 +286,7 @@ LABELS = {
     },
     "l3_w1a8_fast_dmd": "3L W1A8, latent weights at lr 2e-3, BiBERT's direction matching: q/k/v similarity and hidden directions instead of the attention-score and hidden MSE",
     "l3_w1a8_fast_dmd_qkv": "3L W1A8, latent weights at lr 2e-3, BiBERT's direction matching of the q/k/v similarity instead of the attention-score MSE (the hidden MSE kept)",
-    "l3_w1a8_fast_b16": "3L W1A8, latent weights at lr 2e-3, batch 16 (twice the steps; its own reduce stage at batch 16)",
+    "l3_w1a8_fast_b16": "3L W1A8, latent weights at lr 2e-3, batch 16 (twice the steps; the same teacher, its own reduce stage at batch 16)",
     "l3_w1a8_fast_nodrop": "3L W1A8, latent weights at lr 2e-3, no dropout in the quantize stage",
 }
 # XTC augments only the small tasks; the diagnosis variants run on MRPC.
