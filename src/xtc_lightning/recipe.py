@@ -84,9 +84,9 @@ the same state). The default, ``recipe=fast_latent``, is ``xtc`` with ``latent_l
     The quantize stage sets every dropout of the student (embeddings, attention probabilities,
     hidden states, classifier) to this probability in [0, 1); null keeps the model's own (MiniLM
     and BERT: 0.1). The teacher never uses dropout; the reduce stage and evaluation are unchanged.
-    A binary student underfits its teacher (its training losses stay far above the fp32
-    student's), and binarization is itself a strong regularizer, so dropout on top may cost more
-    than it protects.
+    A binary student underfits its teacher (on MiniLM CoLA its distillation loss ends near 3.3
+    where the same stage at 8 bits ends near 2.6), and binarization is itself a strong
+    regularizer, so dropout on top may cost more than it protects.
 
 ``teacher``
     ``teacher``       the task's teacher, as in XTC's one-stage distillation: student layer ``i``
