@@ -572,16 +572,18 @@ THRESHOLDS = {"stsb": 0.70, "cola": 0.15, "mrpc": 0.79, "sst2": 0.84}
 # reduce stage too, so its 3L fp32 student is its own), once (the same steps as 8,000 x 3) or with
 # 2 quantize epochs; STS-B distilled on its training set augmented x2 (embedding neighbours, the
 # same steps; its own reduce stage too); CoLA without dropout in the quantize stage (the same
-# teacher and 3L fp32 student); and these together. A setting is (name, {task: variant}).
+# teacher and 3L fp32 student), STS-B augmented without it; and these together. A setting is (name, {task: variant}).
 SST2_24K_E1 = {"sst2": "l3_w1a8_latent_lr20_d24k"}
 SST2_24K_E2 = {"sst2": "l3_w1a8_latent_lr20_d24k_e2"}
 STSB_AUG = {"stsb": "l3_w1a8_fast_aug"}
 COLA_NODROP = {"cola": "l3_w1a8_fast_nodrop"}
+NODROP = {**COLA_NODROP, "stsb": "l3_w1a8_fast_aug_nodrop"}
 SETTING_ROWS = {  # the row label of each task run in a data setting
     "l3_w1a8_latent_lr20_d24k": "24,000 sentences x 1 epoch",
     "l3_w1a8_latent_lr20_d24k_e2": "24,000 sentences, 2 quantize epochs",
     "l3_w1a8_fast_aug": "augmented x2, 1 epoch per stage",
     "l3_w1a8_fast_nodrop": "no dropout in the quantize stage",
+    "l3_w1a8_fast_aug_nodrop": "augmented x2, no dropout in the quantize stage",
 }
 DATA_SETTINGS = [
     ("sst2 on 24,000 sentences x 1 epoch", SST2_24K_E1),
@@ -592,6 +594,10 @@ DATA_SETTINGS = [
     (
         "cola without dropout, stsb augmented x2, sst2 on 24,000 sentences, 2 quantize epochs",
         {**COLA_NODROP, **STSB_AUG, **SST2_24K_E2},
+    ),
+    (
+        "cola and stsb (augmented x2) without dropout, sst2 on 24,000 sentences, 2 quantize epochs",
+        {**NODROP, **SST2_24K_E2},
     ),
 ]
 
