@@ -1000,7 +1000,8 @@ def main() -> None:
         "(`recipe.dropout=0`, new; the reduce stage keeps MiniLM's 0.1). *Batch 16*: BiBERT's and BiT's "
         "batch, twice the optimizer steps in the same epochs (`data.batch_size=16`, the same teacher, its "
         "own reduce stage at batch 16). STS-B too: `--tasks stsb --variants l3_w1a8_latent_lr20 "
-        "l3_w1a8_fast_nodrop`. Columns as in the screens above; seeds are `quantize.seed`.",
+        "l3_w1a8_fast_aug l3_w1a8_fast_aug_nodrop` (*augmented x2*: STS-B's recipe of the third screen, "
+        "its own reduce stage). Columns as in the screens above; seeds are `quantize.seed`.",
         TENTH,
     )
 
