@@ -137,6 +137,8 @@ VARIANTS.update({
     "l3_w1a8_latent_lr20_d24k": [*SST2_24K, "quantize.max_epochs=1"],
     # ...and twice those quantize steps (2 epochs over the 24,000; the reduce stage is the same, cached).
     "l3_w1a8_latent_lr20_d24k_e2": [*SST2_24K, "quantize.max_epochs=2"],
+    # ...without dropout in the quantize stage (as l3_w1a8_fast_nodrop).
+    "l3_w1a8_latent_lr20_d24k_e2_nodrop": [*SST2_24K, "quantize.max_epochs=2", "recipe.dropout=0"],
     # The small tasks have no more sentences to draw: new versions of theirs instead (augment x2,
     # 1 epoch per distillation stage: the steps of 3 plain epochs), with fast latent weights.
     "l3_w1a8_fast_aug": [*AUGMENTED, "augment.factor=2", "recipe.latent_lr=2e-3"],
@@ -262,6 +264,7 @@ LABELS = {
     "l3_w1a8_fast_att01": "3L W1A8, latent weights at lr 2e-3, attention loss x0.1 in the quantize stage",
     "l3_w1a8_latent_lr20_d24k": "3L W1A8, latent weights at lr 2e-3, 24,000 distinct train sentences for 1 epoch per distillation stage (the same steps as 8,000 x 3)",
     "l3_w1a8_latent_lr20_d24k_e2": "3L W1A8, latent weights at lr 2e-3, 24,000 distinct train sentences, 2 quantize epochs (twice the steps)",
+    "l3_w1a8_latent_lr20_d24k_e2_nodrop": "3L W1A8, latent weights at lr 2e-3, 24,000 distinct train sentences, 2 quantize epochs, no dropout in the quantize stage",
     "l3_w1a8_fast_aug": "3L W1A8, latent weights at lr 2e-3, augmented x2 (1 epoch per distillation stage: the same steps)",
     "l3_w1a8_fast_aug_e2": "3L W1A8, latent weights at lr 2e-3, augmented x2, 2 quantize epochs (twice the steps)",
     "l3_w1a8_fast_clip3": "3L W1A8, latent weights at lr 2e-3, clamped to +-3x their row's mean|w| after every step",
@@ -308,6 +311,7 @@ VARIANT_TASKS = {
     "l3_w1a8_aug20_capped": ["mrpc"],
     "l3_w1a8_latent_lr20_d24k": ["sst2"],
     "l3_w1a8_latent_lr20_d24k_e2": ["sst2"],
+    "l3_w1a8_latent_lr20_d24k_e2_nodrop": ["sst2"],
     "l3_w1a8_fast_r6": ["cola"],
     "l3_w1a8_fast_gt": ["cola"],
     **dict.fromkeys(
@@ -329,7 +333,7 @@ VARIANT_TASKS = {
     "l3_w1a8_fast_dmd": ["cola", "stsb", "mrpc"],
     "l3_w1a8_fast_dmd_qkv": ["cola", "stsb", "mrpc"],
     "l3_w1a8_fast_b16": ["cola", "stsb", "mrpc"],
-    "l3_w1a8_fast_nodrop": ["cola", "stsb", "mrpc"],
+    "l3_w1a8_fast_nodrop": ["cola", "stsb", "mrpc", "rte"],
     "l3_w1a8_fast_nodrop_e6": ["cola", "stsb", "mrpc"],
     "l3_w1a8_fast_aug_nodrop": ["mrpc", "stsb", "rte"],
 }
