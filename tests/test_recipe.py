@@ -702,9 +702,10 @@ def test_fp32_student_teacher_is_the_student_before_quantization_layer_for_layer
     assert damage["attention"].item() > 0 and damage["hidden"].item() > 0
 
 
-def test_fast_latent_is_xtc_with_fast_latent_weights():
-    """recipe=fast_latent (the default) is recipe=xtc plus one key: a new key in xtc.yaml reaches
-    both recipes, and the default differs from the paper's step 2 only in the latent weights' lr."""
+def test_fast_latent_is_xtc_with_fast_latent_weights_and_no_dropout():
+    """recipe=fast_latent (the default) is recipe=xtc plus two keys: a new key in xtc.yaml reaches
+    both recipes, and the default differs from the paper's step 2 only in the latent weights' lr and
+    the quantize stage's dropout."""
     from hydra import compose, initialize_config_dir
 
     from xtc_lightning.config import CONF_DIR
@@ -714,8 +715,10 @@ def test_fast_latent_is_xtc_with_fast_latent_weights():
         xtc = OmegaConf.to_container(compose("config", overrides=["recipe=xtc"]).recipe)
     assert default["name"] == "fast_latent" and xtc["name"] == "xtc"
     assert default["latent_lr"] == 2e-3 and xtc["latent_lr"] is None
-    assert {k: v for k, v in default.items() if k not in ("name", "latent_lr")} == {
-        k: v for k, v in xtc.items() if k not in ("name", "latent_lr")
+    assert default["dropout"] == 0 and xtc["dropout"] is None
+    own = ("name", "latent_lr", "dropout")
+    assert {k: v for k, v in default.items() if k not in own} == {
+        k: v for k, v in xtc.items() if k not in own
     }
 
 

@@ -22,10 +22,12 @@ from xtc_lightning.resume import check_resume, resume_checkpoint
 from xtc_lightning.slim import load_weights
 
 # 64 examples / batch 8 = 8 steps per epoch, 2 epochs per student stage, last.ckpt every 3 steps:
-# most checkpoints fall in the middle of an epoch. Dropout stays on (the tiny BERT's 0.1).
+# most checkpoints fall in the middle of an epoch. Dropout stays on (the tiny BERT's 0.1), in the
+# quantize stage too (recipe.dropout=null; the default recipe turns it off there), so a resume has
+# to restore the dropout masks' random state of both student stages.
 STEPS_PER_EPOCH = 8
 ARGS = [
-    "task=rte", "student.num_layers=1", "quant=binary", "data.max_train_examples=64", "data.batch_size=8",
+    "task=rte", "student.num_layers=1", "quant=binary", "recipe.dropout=null", "data.max_train_examples=64", "data.batch_size=8",
     "data.max_length=64", "trainer.max_epochs=2", "optim.lr=1e-3", "checkpoint.every_n_train_steps=3",
     "export.evaluate=false", "export.hf=false", "teacher.max_epochs=1",
 ]  # fmt: skip
