@@ -831,7 +831,9 @@ def render_seeds(table: dict, variants: list[str], tasks: tuple[str, ...]) -> st
     """Each seed's score (and right after quantization) of the variants that ran more than one."""
     lines = []
     for task, row in table.items():
-        for v in variants if task in tasks else []:
+        if task not in tasks:
+            continue
+        for v in variants:
             runs = row.get(v, {}).get("runs", [])
             if len(runs) > 1:
                 seeds = ", ".join(
