@@ -1079,7 +1079,7 @@ def main() -> None:
         "(`recipe.dropout=0`, new; the reduce stage keeps MiniLM's 0.1). *Batch 16*: BiBERT's and BiT's "
         "batch, twice the optimizer steps in the same epochs (`data.batch_size=16`, the same teacher, its "
         "own reduce stage at batch 16). STS-B too: `--tasks stsb --variants l3_w1a8_latent_lr20 "
-        "l3_w1a8_fast_aug l3_w1a8_fast_aug_nodrop` (*augmented x2*: STS-B's recipe of the third screen, "
+        "l3_w1a8_fast_nodrop l3_w1a8_fast_aug l3_w1a8_fast_aug_nodrop` (*augmented x2*: STS-B's recipe of the third screen, "
         "its own reduce stage). MRPC and SST-2 (their teachers rebuilt on this machine): `--tasks mrpc "
         "sst2 --variants teacher l3_fp32 l3_w1a8_latent_lr20 l3_w1a8_fast_nodrop "
         "l3_w1a8_latent_lr20_d24k_e2 l3_w1a8_latent_lr20_d24k_e2_nodrop` (SST-2's recipe: 24,000 "
