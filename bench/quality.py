@@ -585,18 +585,25 @@ NODROP = {**COLA_NODROP, "stsb": "l3_w1a8_fast_aug_nodrop"}
 NODROP_ALL = {
     **NODROP, "mrpc": "l3_w1a8_fast_nodrop", "rte": "l3_w1a8_fast_nodrop", "sst2": "l3_w1a8_latent_lr20_d24k_e2_nodrop"
 }  # fmt: skip
-SETTING_ROWS = {  # the row label of each task run in a data setting
+SETTING_DATA = {  # a setting run's training data, where it is not the task's training set
     "l3_w1a8_latent_lr20_d24k": "24,000 sentences x 1 epoch",
     "l3_w1a8_latent_lr20_d24k_e2": "24,000 sentences, 2 quantize epochs",
     "l3_w1a8_fast_aug": "augmented x2, 1 epoch per stage",
-    "l3_w1a8_fast_nodrop": "no dropout in the quantize stage",
-    "l3_w1a8_fast_aug_nodrop": "augmented x2, no dropout in the quantize stage",
-    "l3_w1a8_latent_lr20_d24k_e2_nodrop": "24,000 sentences, 2 quantize epochs, no dropout in the quantize stage",
 }
-SETTING_DATA = {  # a setting run's training data, where it is not the task's training set
-    "l3_w1a8_fast_aug_nodrop": "augmented x2, 1 epoch per stage",
-    "l3_w1a8_latent_lr20_d24k_e2_nodrop": "24,000 sentences, 2 quantize epochs",
-}
+NODROP_SUFFIX = "_nodrop"  # a variant's form without dropout in the quantize stage
+
+
+def setting_data(variant: str) -> str | None:
+    """A setting run's training data (None: the task's training set), with or without dropout."""
+    return SETTING_DATA.get(variant.removesuffix(NODROP_SUFFIX))
+
+
+def setting_label(variant: str) -> str:
+    """The row label of a task run in a data setting: its data, and no dropout where it has none."""
+    nodrop = "no dropout in the quantize stage" if variant.endswith(NODROP_SUFFIX) else None
+    return ", ".join(part for part in (setting_data(variant), nodrop) if part)
+
+
 DATA_SETTINGS = [
     ("sst2 on 24,000 sentences x 1 epoch", SST2_24K_E1),
     ("sst2 on 24,000 sentences, 2 quantize epochs", SST2_24K_E2),
@@ -666,7 +673,7 @@ def render_data_setting(table: dict) -> list[str]:
             shown.add((task, variant))
             r = row[variant]
             lines.append(
-                f"| {task}, {SETTING_ROWS[variant]} | {fmt(row['baseline'])} | {cell(row.get('teacher'))} | "
+                f"| {task}, {setting_label(variant)} | {fmt(row['baseline'])} | {cell(row.get('teacher'))} | "
                 f"{fmt(r['reduce_score'])} (its own) | – | {cell(r)} | {verdict(task, r)} | {fmt(ret, '%')} | "
                 f"{fmt(mar, '%')} |"
             )
@@ -688,7 +695,7 @@ def render_setting(table: dict, variants: dict[str, str]) -> str:
     for task in (t for t in TASKS if t in variants):
         row, r = table[task], table[task][variants[task]]
         ret, mar = kept.add(row, variants[task])
-        data = SETTING_DATA.get(variants[task], "its training set")
+        data = setting_data(variants[task]) or "its training set"
         lines.append(
             f"| {task} | {data} | {fmt(row['baseline'])} | {cell(row['teacher'])} | {fmt(r['reduce_score'])} | "
             f"{cell(r)} | {verdict(task, r)} | {fmt(ret, '%')} | {fmt(mar, '%')} |"
