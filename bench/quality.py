@@ -1091,7 +1091,7 @@ def main() -> None:
         "sst2 --variants teacher l3_fp32 l3_w1a8_latent_lr20 l3_w1a8_fast_nodrop "
         "l3_w1a8_latent_lr20_d24k_e2 l3_w1a8_latent_lr20_d24k_e2_nodrop` (SST-2's recipe: 24,000 "
         "sentences, 2 quantize epochs, its own reduce stage). RTE (its teacher rebuilt here too): `--tasks "
-        "rte --variants teacher l3_fp32 l3_w1a8_fast_nodrop`. Since this screen `recipe=fast_latent`, the "
+        "rte --variants teacher l3_fp32 l3_w1a8_latent_lr20 l3_w1a8_fast_nodrop`. Since this screen `recipe=fast_latent`, the "
         "default, trains without dropout (the *no dropout* rows); the rows labelled the default are its "
         "form until then, with dropout. Columns as in the screens above; seeds are `quantize.seed`.",
         TENTH,
